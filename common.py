@@ -1,0 +1,581 @@
+"""Shared pieces of the experiments of "Deep sequence models tend to memorize geometrically;
+it is unclear why" (arXiv 2510.26745): graphs, token datasets, a nanoGPT-style Transformer,
+the training loop, evaluation helpers, benchmarking and plotting.
+
+Shape glossary
+  N   graph nodes; node id i is also token id i
+  V   vocabulary size = N + len(SPECIALS)
+  B   batch size (rows of one example group), T sequence length, C model width
+  M   loss positions in a batch (targets >= 0)
+A "group" is a pair (X, Y) of LongTensors (B, T): inputs and next-token targets, -1 = no loss.
+All rows of a group have the same length, so batches carry no padding.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------- flags and errors
+
+
+def die(msg):
+    """Bad input ends the run with one line on stderr and no traceback."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+class ArgParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kw):
+        super().__init__(*args, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+
+    def error(self, message):
+        die(message)
+
+
+def parse_with_presets(parser, presets, argv=None):
+    """Flags a preset (e.g. --quick) sets become defaults; flags given explicitly still win."""
+    known, _ = parser.parse_known_args(argv)
+    for name, values in presets.items():
+        if getattr(known, name, False):
+            parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def pick_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {name} requested but CUDA is not available on this machine")
+    if name != "cpu" and not name.startswith("cuda"):
+        die(f"--device must be auto, cpu or cuda[:i], got {name!r}")
+    return name
+
+
+def prepare_out(path):
+    """Create --out and check it is writable before any work starts."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        die(f"cannot write to --out {path!r}: {e.strerror or e}")
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"  # write then rename: a killed run never leaves a half-written file
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def seed_everything(seed):
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- graphs
+
+
+def path_star(d, l, seed=0):
+    """G(d, l): a root with d disjoint arms; l counts the nodes of a root-to-leaf path incl. the
+    root, so there are 1 + d(l-1) nodes. Ids are a random permutation (§2.1: ids carry no
+    structure). Returns (graph, root, arms) with each arm a node-id list, root first."""
+    if d < 1 or l < 2:
+        raise ValueError(f"path-star needs d >= 1 and l >= 2, got d={d}, l={l}")
+    perm = np.random.default_rng(seed).permutation(1 + d * (l - 1)).tolist()
+    root = perm[0]
+    arms = [[root] + perm[1 + i * (l - 1): 1 + (i + 1) * (l - 1)] for i in range(d)]
+    graph = nx.Graph()
+    graph.add_nodes_from(range(len(perm)))
+    for arm in arms:
+        nx.add_path(graph, arm)
+    return graph, root, arms
+
+
+def split_arms(arms, train_frac=0.75, seed=0):
+    """Seeded leaf split (§2.1: 75% of the leaves get path supervision, 25% are held out)."""
+    order = np.random.default_rng(seed + 1).permutation(len(arms))
+    n_train = int(round(train_frac * len(arms)))
+    if not 0 < n_train < len(arms):
+        raise ValueError(f"train fraction {train_frac} leaves an empty split for {len(arms)} arms")
+    return [arms[i] for i in sorted(order[:n_train])], [arms[i] for i in sorted(order[n_train:])]
+
+
+# ----------------------------------------------------------------------------- tokens and datasets
+
+SPECIALS = ("EDGE", "PATH", "PAUSE", "PAD", "BLANK")  # BLANK: teacherless answer input (App. A)
+
+
+class Vocab:
+    def __init__(self, num_nodes):
+        self.num_nodes = num_nodes
+        for i, name in enumerate(SPECIALS):
+            setattr(self, name, num_nodes + i)
+        self.size = num_nodes + len(SPECIALS)
+
+
+def arm_edges(arms, direction):
+    """(E, 2) array of [u, v] edge examples along the arms: forward = parent->child,
+    backward = child->parent, both = forward then backward."""
+    fwd = np.array([(a[i], a[i + 1]) for a in arms for i in range(len(a) - 1)], dtype=np.int64)
+    out = {"forward": [fwd], "backward": [fwd[:, ::-1]], "both": [fwd, fwd[:, ::-1]]}[direction]
+    return np.ascontiguousarray(np.concatenate(out))
+
+
+def edge_group(edges, vocab):
+    """`[EDGE] u -> v` with the loss on v only: X = [EDGE, u], Y = [-1, v]."""
+    e = torch.as_tensor(edges)
+    X = torch.stack([torch.full_like(e[:, 0], vocab.EDGE), e[:, 0]], 1)
+    Y = torch.stack([torch.full_like(e[:, 0], -1), e[:, 1]], 1)
+    return X, Y
+
+
+def path_prompts(leaves, vocab, pauses):
+    """(P, 2 + k): [PATH] leaf [PAUSE]*k."""
+    leaves = torch.as_tensor(leaves).view(-1, 1)
+    head = torch.tensor([vocab.PATH]).expand(len(leaves), 1)
+    return torch.cat([head, leaves, torch.full((len(leaves), pauses), vocab.PAUSE)], 1)
+
+
+def path_targets(arms, reverse=False):
+    """(P, l) node sequences: root..leaf, or leaf..root when reversed (Fig. 34 left)."""
+    t = torch.tensor(arms)
+    return t.flip(1) if reverse else t
+
+
+def path_group(prompts, targets, first_token_only=False):
+    """Path examples `prompt target`; the loss is on every target token, or only on the first
+    token after the start node (§2.2, 'first-token-only'), in which case the sequence is cut
+    right after the input that predicts it."""
+    seq = torch.cat([prompts, targets], 1)
+    X, Y = seq[:, :-1].clone(), seq[:, 1:].clone()
+    Y[:, : prompts.shape[1] - 1] = -1  # no loss inside the prompt
+    if first_token_only:
+        j = prompts.shape[1]  # Y[:, j] is targets[:, 1], the first hop
+        X, Y = X[:, : j + 1], Y[:, : j + 1].clone()
+        Y[:, :j] = -1
+    return X, Y
+
+
+# ----------------------------------------------------------------------------- Transformer
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int = 64
+    n_layer: int = 12
+    n_head: int = 8
+    n_embd: int = 384
+    dropout: float = 0.0
+    attention: bool = True  # False: MLP-only blocks (tiny-graph models, App. B.2.2)
+    freeze_embeddings: bool = False  # App. E.1 / associative control: token embeddings fixed
+
+
+def sinusoidal_positions(T, C):
+    """App. B.2.1: GPT-mid uses fixed sinusoidal positions (Vaswani et al. 2017)."""
+    pos = torch.arange(T).float()[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, C, 2).float() / C)
+    pe = torch.zeros(T, C)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq)[:, : C // 2]
+    return pe
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0, "width must be divisible by heads"
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn = CausalSelfAttention(cfg) if cfg.attention else None
+        self.ln_1 = nn.LayerNorm(cfg.n_embd) if cfg.attention else None
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        if self.attn is not None:
+            x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.register_buffer("wpe", sinusoidal_positions(cfg.block_size, cfg.n_embd), persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.apply(self._init)
+        self.wte.weight.requires_grad_(not cfg.freeze_embeddings)  # tied: unembedding frozen too
+
+    @staticmethod
+    def _init(m):  # App. B.2.2: all weights N(0, 0.02), biases zero
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def hidden(self, idx):
+        x = self.drop(self.wte(idx) + self.wpe[: idx.shape[1]])
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        """No targets: logits of the last position (B, V). With targets: logits only where a
+        loss is taken (M, V) and the mean cross-entropy there."""
+        h = self.hidden(idx)
+        if targets is None:
+            return h[:, -1] @ self.wte.weight.T  # tied unembedding
+        mask = targets >= 0
+        logits = h[mask] @ self.wte.weight.T
+        return logits, F.cross_entropy(logits.float(), targets[mask])
+
+    def flops(self, B, T, n_loss):
+        """Model FLOPs of one training step (forward + backward = 3x forward) on B sequences of
+        length T with n_loss loss positions; logits only where a loss is taken."""
+        C, L = self.cfg.n_embd, self.cfg.n_layer
+        per_token = 2 * L * (12 if self.cfg.attention else 8) * C * C
+        attn = 2 * L * C * T * (T + 1) if self.cfg.attention else 0  # QK^T and AV, causal half
+        return 3 * (B * T * per_token + B * attn + 2 * n_loss * C * self.cfg.vocab_size)
+
+
+def token_embeddings(model, num_nodes):
+    """Node embeddings as an (N, C) numpy array, row i = node i."""
+    return model.wte.weight[:num_nodes].detach().float().cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class Phase:
+    """A stretch of training on a fixed mixture of groups (the staged recipe has two)."""
+    name: str
+    groups: list  # [(X, Y)] on the device
+    epochs: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+
+
+def lr_at(step, total, warmup, peak, final_frac=0.1):
+    """Linear warm-up, then cosine decay to peak * final_frac (App. B.3)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class GroupSampler:
+    """Every batch holds each group in proportion to its size (so a path-star batch is edges and
+    paths interleaved, §2). Each epoch draws a fresh order of every group from `generator`, so
+    the sampler's whole state at an epoch boundary is the generator's state (exact resume)."""
+
+    def __init__(self, groups, batch_size, generator):
+        sizes = [len(X) for X, _ in groups]
+        total = sum(sizes)
+        self.groups, self.gen = groups, generator
+        self.steps_per_epoch = max(1, math.ceil(total / batch_size))
+        self.shares = [min(s, max(1, round(batch_size * s / total))) for s in sizes]
+
+    def epoch(self):
+        """Yields the epoch's batches, each a list of (X, Y), one per group."""
+        orders = []
+        for (X, _), share in zip(self.groups, self.shares):
+            need = share * self.steps_per_epoch
+            perms = [torch.randperm(len(X), generator=self.gen) for _ in range(-(-need // len(X)))]
+            orders.append(torch.cat(perms)[:need].to(X.device))
+        for s in range(self.steps_per_epoch):
+            yield [(X[o[s * n:(s + 1) * n]], Y[o[s * n:(s + 1) * n]])
+                   for (X, Y), o, n in zip(self.groups, orders, self.shares)]
+
+
+def make_optimizer(model, lr, weight_decay):
+    """AdamW; decay matrices and embeddings, not biases or norms (as in nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; full fp32 on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda"))
+
+
+def train_step(model, opt, batch, device, grad_clip=1.0):
+    """One optimizer step on a list of groups; the loss is the mean over all loss tokens of the
+    batch. Returns on-device (loss sum, correct count, token count) for the progress bar."""
+    n_total = sum(int((Y >= 0).sum()) for _, Y in batch)
+    opt.zero_grad(set_to_none=True)
+    stats = torch.zeros(3, device=device)
+    for X, Y in batch:
+        with autocast(device):
+            logits, loss = model(X, Y)
+        n = logits.shape[0]
+        (loss * (n / n_total)).backward()
+        with torch.no_grad():
+            stats += torch.stack([loss.detach() * n, (logits.argmax(-1) == Y[Y >= 0]).sum(),
+                                  torch.tensor(n, device=device)])
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return stats
+
+
+def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0,
+          ckpt_path=None, resume=False, config=None, desc="train"):
+    """The one training loop of the repository. Runs the phases in order (a fresh AdamW and
+    schedule each), evaluates every `eval_every` epochs and at the end of each phase,
+    checkpoints after each evaluation, and resumes from `ckpt_path` if asked.
+    Returns the history: [{"epoch": e, "phase": name, "time_s": seconds, **evaluate(model)}, ...],
+    time_s counting training and evaluation since the start, resumed runs included."""
+    gen = torch.Generator().manual_seed(seed)
+    history, resume_epoch, opt_state = [], 0, None
+    if resume:
+        ckpt = load_checkpoint(ckpt_path, config, device)
+        model.load_state_dict(ckpt["model"])
+        history, resume_epoch, opt_state = ckpt["history"], ckpt["epoch"], ckpt["optimizer"]
+        gen.set_state(ckpt["generator"])
+        set_rng_state(ckpt["rng"])
+    t0 = time.time() - (history[-1]["time_s"] if history else 0.0)  # training time survives resume
+    samplers = [GroupSampler(p.groups, p.batch_size, gen) for p in phases]
+    bar = tqdm(total=sum(p.epochs * s.steps_per_epoch for p, s in zip(phases, samplers)),
+               desc=desc, dynamic_ncols=True, mininterval=1.0)
+    epoch = 0  # counts across phases
+    for phase, sampler in zip(phases, samplers):
+        first = min(phase.epochs, max(0, resume_epoch - epoch))  # epochs already done
+        bar.update(first * sampler.steps_per_epoch)
+        epoch += first
+        if first == phase.epochs:
+            continue
+        opt = make_optimizer(model, phase.lr, weight_decay)
+        if opt_state is not None:
+            opt.load_state_dict(opt_state)
+            opt_state = None
+        total = phase.epochs * sampler.steps_per_epoch
+        stats, posted = torch.zeros(3, device=device), bar.n
+        for ep in range(first, phase.epochs):
+            model.train()
+            for s, batch in enumerate(sampler.epoch()):
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(ep * sampler.steps_per_epoch + s, total, phase.warmup_steps, phase.lr)
+                stats += train_step(model, opt, batch, device)
+            bar.update(sampler.steps_per_epoch)
+            epoch += 1
+            last = ep == phase.epochs - 1
+            if last or bar.n >= posted + 50:  # reading stats syncs the GPU: not every step
+                loss, correct, n = stats.tolist()
+                bar.set_postfix(phase=phase.name, epoch=epoch, loss=f"{loss / n:.4f}", acc=f"{correct / n:.3f}")
+                stats.zero_()
+                posted = bar.n
+            if epoch % eval_every == 0 or last:
+                model.eval()
+                with torch.no_grad():
+                    history.append({"epoch": epoch, "phase": phase.name, "time_s": time.time() - t0,
+                                    **evaluate(model)})
+                model.train()
+                if ckpt_path:
+                    save_checkpoint(ckpt_path, model, opt, epoch, history, gen, config)
+    bar.close()
+    return history
+
+
+def get_rng_state():
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, model, opt, epoch, history, gen, config):
+    tmp = path + ".tmp"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                "history": history, "generator": gen.get_state(), "rng": get_rng_state(),
+                "config": config}, tmp)
+    os.replace(tmp, path)
+
+
+# flags that may differ between a run and its resumption
+RESUME_FREE = {"resume", "device", "out", "bench"}
+
+
+def load_checkpoint(path, config, device):
+    if not path or not os.path.exists(path):
+        die(f"--resume: no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        die(f"--resume: cannot read checkpoint {path}: {e}")
+    saved = ckpt.get("config") or {}
+    diff = [k for k in sorted(set(saved) | set(config or {}))
+            if k not in RESUME_FREE and saved.get(k) != (config or {}).get(k)]
+    if diff:
+        k = diff[0]
+        die(f"--resume: checkpoint {path} was made with {k}={saved.get(k)!r}, this run has "
+            f"{k}={(config or {}).get(k)!r} ({len(diff)} flag(s) differ)")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def greedy_decode(model, prompts, n_new, device, chunk=4096):
+    """Greedy (top-1) continuation of (P, Tp) prompts by n_new tokens -> (P, n_new)."""
+    out = []
+    for i in range(0, len(prompts), chunk):
+        seq = prompts[i: i + chunk].to(device)
+        for _ in range(n_new):
+            with autocast(device):
+                nxt = model(seq).argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+        out.append(seq[:, -n_new:])
+    return torch.cat(out).cpu()
+
+
+@torch.no_grad()
+def edge_recall(model, edges, vocab, device, chunk=4096):
+    """Edge memorization: the fraction of trained edges (u, v) whose v is among the top-deg(u)
+    predictions after `[EDGE] u`, deg(u) = number of trained targets of u (the top-k success
+    criterion of App. C.3; a source with several neighbours cannot put them all at top-1)."""
+    e = torch.as_tensor(edges)
+    deg = torch.bincount(e[:, 0], minlength=vocab.num_nodes)
+    X, _ = edge_group(e, vocab)
+    hits = 0
+    for i in range(0, len(e), chunk):
+        with autocast(device):
+            logits = model(X[i: i + chunk].to(device)).float()
+        v = e[i: i + chunk, 1].to(device)
+        rank = (logits > logits.gather(1, v[:, None])).sum(1)
+        hits += int((rank < deg[e[i: i + chunk, 0]].to(device)).sum())
+    return hits / len(e)
+
+
+# ----------------------------------------------------------------------------- benchmarking
+
+
+def peak_matmul_flops(device, n=4096, reps=5):
+    """This device's own dense-matmul peak, in the precision training runs in."""
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(reps + 1):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def benchmark(model, groups, batch_size, device, weight_decay=0.0, warmup=2, steps=5, seed=0):
+    """Times full training steps (forward, backward, AdamW) on batches of the given groups and
+    compares model FLOP/s with this device's matmul peak measured in the same run."""
+    sampler = GroupSampler(groups, batch_size, torch.Generator().manual_seed(seed))
+    batches = [b for _, b in zip(range(warmup + steps), forever(sampler))]
+    opt = make_optimizer(model, 1e-4, weight_decay)
+    model.train()
+    for batch in batches[:warmup]:
+        train_step(model, opt, batch, device)
+    sync(device)
+    t, flops, seqs = time.perf_counter(), 0, 0
+    for batch in batches[warmup:]:
+        train_step(model, opt, batch, device)
+        for X, Y in batch:
+            flops += model.flops(X.shape[0], X.shape[1], int((Y >= 0).sum()))
+            seqs += X.shape[0]
+    sync(device)
+    dt = time.perf_counter() - t
+    peak = peak_matmul_flops(device)
+    return {"device": device_name(device), "batch_size": batch_size, "steps": steps,
+            "seconds_per_step": dt / steps, "seqs_per_s": seqs / dt,
+            "model_flops_per_s": flops / dt, "peak_flops_per_s": peak, "mfu": flops / dt / peak,
+            "torch_threads": torch.get_num_threads()}
+
+
+def forever(sampler):
+    while True:
+        yield from sampler.epoch()
+
+
+def device_name(device):
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+# ----------------------------------------------------------------------------- plotting
+
+
+def plot_curves(path, history, series, title, ylabel="accuracy", chance=None, xkey="epoch"):
+    """One line per (key, label) in `series` over the history; optional dashed chance level."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    x = [h[xkey] for h in history]
+    for key, label in series:
+        ax.plot(x, [h[key] for h in history], label=label, lw=1.6)
+    if chance is not None:
+        ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance = {chance:.3g}")
+    ax.set(title=title, xlabel=xkey, ylabel=ylabel)
+    if ylabel == "accuracy":
+        ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,167 @@
+import math
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+
+from common import (GPT, GPTConfig, GroupSampler, Phase, Vocab, arm_edges, edge_group, edge_recall,
+                    greedy_decode, lr_at, path_group, path_prompts, path_star, path_targets,
+                    split_arms, train)
+
+
+@pytest.mark.parametrize("d,l", [(1, 2), (3, 5), (50, 4), (7, 10)])
+def test_path_star_shape(d, l):
+    g, root, arms = path_star(d, l, seed=3)
+    assert g.number_of_nodes() == 1 + d * (l - 1)
+    assert nx.is_tree(g)
+    assert g.degree(root) == d
+    depth = nx.single_source_shortest_path_length(g, root)
+    leaves = [v for v in g if g.degree(v) == 1 and v != root] if d > 1 else [arms[0][-1]]
+    assert sorted(leaves) == sorted(a[-1] for a in arms)
+    assert all(depth[v] == l - 1 for v in leaves)
+    for arm in arms:  # each arm is a root-first path in the graph
+        assert arm[0] == root and len(arm) == l
+        assert all(g.has_edge(u, v) for u, v in zip(arm, arm[1:]))
+
+
+def test_path_star_ids_are_permuted_and_seeded():
+    _, root_a, arms_a = path_star(20, 5, seed=0)
+    _, root_b, arms_b = path_star(20, 5, seed=0)
+    _, _, arms_c = path_star(20, 5, seed=1)
+    assert arms_a == arms_b and arms_a != arms_c
+    assert [v for a in arms_a for v in a[1:]] != list(range(1, 81))  # not laid out in order
+
+
+def test_split_disjoint_covering():
+    _, _, arms = path_star(40, 4)
+    train_arms, test_arms = split_arms(arms, 0.75, seed=5)
+    tr, te = {a[-1] for a in train_arms}, {a[-1] for a in test_arms}
+    assert len(tr) == 30 and len(te) == 10
+    assert not tr & te and tr | te == {a[-1] for a in arms}
+    assert split_arms(arms, 0.75, seed=5) == (train_arms, test_arms)
+
+
+def test_edges_each_direction():
+    g, root, arms = path_star(6, 4)
+    fwd = {tuple(e) for e in arm_edges(arms, "forward").tolist()}
+    bwd = {tuple(e) for e in arm_edges(arms, "backward").tolist()}
+    both = [tuple(e) for e in arm_edges(arms, "both").tolist()]
+    depth = nx.single_source_shortest_path_length(g, root)
+    assert len(fwd) == len(bwd) == g.number_of_edges()
+    assert all(depth[v] == depth[u] + 1 for u, v in fwd)  # parent -> child
+    assert bwd == {(v, u) for u, v in fwd}
+    assert sorted(both) == sorted(fwd | bwd)
+    assert {frozenset(e) for e in fwd} == {frozenset(e) for e in g.edges}
+
+
+def test_edge_group_format():
+    vocab = Vocab(10)
+    X, Y = edge_group(np.array([[1, 2], [3, 4]]), vocab)
+    assert X.tolist() == [[vocab.EDGE, 1], [vocab.EDGE, 3]]
+    assert Y.tolist() == [[-1, 2], [-1, 4]]
+
+
+@pytest.mark.parametrize("pauses", [0, 2])
+def test_path_group_targets(pauses):
+    _, root, arms = path_star(8, 5, seed=1)
+    train_arms, test_arms = split_arms(arms, 0.75)
+    vocab = Vocab(1 + 8 * 4)
+    prompts = path_prompts([a[-1] for a in train_arms], vocab, pauses)
+    X, Y = path_group(prompts, path_targets(train_arms))
+    assert X.shape == (6, 2 + pauses + 5 - 1)
+    for x, y, arm in zip(X.tolist(), Y.tolist(), train_arms):
+        assert x[:2 + pauses] == [vocab.PATH, arm[-1]] + [vocab.PAUSE] * pauses
+        assert [t for t in y if t >= 0] == arm  # loss on root..leaf, nothing else
+    Xf, Yf = path_group(prompts, path_targets(train_arms), first_token_only=True)
+    assert Xf.shape[1] == 2 + pauses + 1 and Xf[:, -1].eq(root).all()
+    assert (Yf >= 0).sum(1).eq(1).all() and Yf[:, -1].tolist() == [a[1] for a in train_arms]
+    Xr, Yr = path_group(prompts, path_targets(train_arms, reverse=True))
+    assert [[t for t in y if t >= 0] for y in Yr.tolist()] == [a[::-1] for a in train_arms]
+    test_leaves = {a[-1] for a in test_arms}  # no held-out leaf in any path example
+    assert not test_leaves & (set(X.flatten().tolist()) | set(Y.flatten().tolist()))
+
+
+def tiny_gpt(**kw):
+    cfg = dict(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**cfg))
+
+
+def test_gpt_shapes_and_loss_positions():
+    model = tiny_gpt()
+    x = torch.randint(0, 23, (5, 7))
+    assert model(x).shape == (5, 23)
+    y = torch.full((5, 7), -1)
+    y[:, 3] = 1
+    y[0, 6] = 2
+    logits, loss = model(x, y)
+    assert logits.shape == (6, 23) and loss.ndim == 0 and math.isfinite(loss.item())
+    assert model.flops(5, 7, 6) > 0
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_gpt_is_causal(attention):
+    model = tiny_gpt(attention=attention).eval()
+    x = torch.randint(0, 23, (3, 9))
+    h = model.hidden(x)
+    x2 = x.clone()
+    x2[:, 5:] = torch.randint(0, 23, (3, 4))
+    h2 = model.hidden(x2)
+    assert torch.allclose(h[:, :5], h2[:, :5], atol=1e-6)
+    assert not torch.allclose(h[:, 5:], h2[:, 5:])
+
+
+def test_attention_off_has_no_attention():
+    model = tiny_gpt(attention=False)
+    assert all(b.attn is None for b in model.blocks)
+    x = torch.randint(0, 23, (2, 4))
+    x2 = x.clone()
+    x2[:, 0] = (x2[:, 0] + 1) % 23  # without attention, position 3 cannot see position 0
+    assert torch.allclose(model.hidden(x)[:, 3], model.hidden(x2)[:, 3])
+
+
+def test_frozen_embeddings_do_not_change():
+    model = tiny_gpt(freeze_embeddings=True)
+    before = model.wte.weight.detach().clone()
+    other = model.blocks[0].mlp.fc.weight.detach().clone()
+    X = torch.randint(0, 23, (32, 3))
+    Y = torch.randint(0, 23, (32, 3))
+    phase = Phase("p", [(X, Y)], epochs=3, batch_size=8, lr=1e-2, warmup_steps=1)
+    train(model, [phase], weight_decay=0.1, evaluate=lambda m: {}, eval_every=10, device="cpu")
+    assert torch.equal(model.wte.weight, before)
+    assert not torch.equal(model.blocks[0].mlp.fc.weight, other)
+
+
+def test_lr_schedule():
+    peak, total, warm = 1e-3, 100, 10
+    lrs = [lr_at(s, total, warm, peak) for s in range(total)]
+    assert lrs[0] == pytest.approx(peak / warm)
+    assert max(lrs) == pytest.approx(peak) and lrs.index(max(lrs)) == warm - 1
+    assert all(a <= b for a, b in zip(lrs[:warm], lrs[1:warm]))  # warm-up rises
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # cosine falls
+    assert lr_at(total, total, warm, peak) == pytest.approx(peak / 10)  # ends at lr/10
+
+
+def test_sampler_proportions_and_coverage():
+    A = (torch.arange(90).view(-1, 1), torch.zeros(90, 1, dtype=torch.long))
+    B = (torch.arange(100, 110).view(-1, 1, 1).expand(-1, 1, 3).reshape(10, 3), torch.zeros(10, 3, dtype=torch.long))
+    s = GroupSampler([A, B], batch_size=20, generator=torch.Generator().manual_seed(0))
+    assert s.steps_per_epoch == 5 and s.shares == [18, 2]
+    seen = torch.cat([b[0][0].flatten() for b in s.epoch()])
+    assert sorted(seen.tolist()) == list(range(90))  # one epoch: every example once
+
+
+def test_greedy_decode_and_edge_recall_on_a_perfect_lookup():
+    """A model that returns fixed logits per last token: decoding follows the table."""
+    vocab = Vocab(4)
+    nxt = {0: 1, 1: 2, 2: 3, 3: 0}
+
+    class Table(torch.nn.Module):
+        def forward(self, idx):
+            return torch.nn.functional.one_hot(torch.tensor([nxt.get(t, 0) for t in idx[:, -1].tolist()]),
+                                               vocab.size).float()
+    out = greedy_decode(Table(), torch.tensor([[0], [2]]), 3, "cpu")
+    assert out.tolist() == [[1, 2, 3], [3, 0, 1]]
+    assert edge_recall(Table(), np.array([[0, 1], [1, 2], [2, 0]]), vocab, "cpu") == pytest.approx(2 / 3)

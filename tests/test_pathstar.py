@@ -1,0 +1,125 @@
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import exp_pathstar
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--quick", "--n", "24", "--l", "4", "--n-embd", "32", "--n-head", "2"]
+
+
+def run_cli(args, **kw):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "exp_pathstar.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, **kw)
+
+
+def test_quick_smoke(tmp_path):
+    out = str(tmp_path / "run")
+    exp_pathstar.main(["--quick", "--first-token-only", "--epochs", "4", "--eval-every", "2", "--out", out])
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert set(m) >= {"config", "final", "history", "wall_time_s"}
+    assert m["config"]["first_token_only"] and m["config"]["n"] == exp_pathstar.QUICK["n"]
+    assert [h["epoch"] for h in m["history"]] == [2, 4]
+    for key in ("test_first_token_acc", "test_path_acc", "train_first_token_acc", "train_path_acc",
+                "edge_acc", "chance_first_token"):
+        assert 0 <= m["final"][key] <= 1
+    assert m["final"]["chance_first_token"] == pytest.approx(1 / exp_pathstar.QUICK["n"])
+    assert len(m["final"]["test_token_acc"]) == exp_pathstar.QUICK["l"]
+    g = json.load(open(os.path.join(out, "graph.json")))
+    n = exp_pathstar.QUICK["n"]
+    assert g["num_nodes"] == 1 + n * (exp_pathstar.QUICK["l"] - 1)
+    assert len(g["arms"]) == n and all(a[0] == g["root"] for a in g["arms"])
+    assert len(g["train_leaves"]) + len(g["test_leaves"]) == n
+    assert not set(g["test_leaves"]) & {v for p in g["train_paths"] for v in p}
+    assert len(g["edge_examples"]) == 2 * n * (exp_pathstar.QUICK["l"] - 1)
+    emb = np.load(os.path.join(out, "embeddings.npy"))
+    assert emb.shape == (g["num_nodes"], exp_pathstar.QUICK["n_embd"])
+    for fig in ("accuracy.png", "token_accuracy.png"):
+        assert os.path.getsize(os.path.join(out, fig)) > 1000
+
+
+def test_staged_and_variants_run(tmp_path):
+    out = str(tmp_path / "staged")
+    hist = exp_pathstar.main(TINY + ["--recipe", "staged", "--edge-epochs", "2", "--edge-batch-size", "64",
+                                     "--epochs", "2", "--eval-every", "1", "--reverse-path",
+                                     "--edges", "backward", "--pauses", "0", "--freeze-embeddings",
+                                     "--out", out])
+    assert [(h["epoch"], h["phase"]) for h in hist] == [(1, "edges"), (2, "edges"), (3, "paths"), (4, "paths")]
+
+
+def test_bench_writes_json(tmp_path):
+    out = str(tmp_path / "bench")
+    exp_pathstar.main(TINY + ["--bench", "--out", out])
+    b = json.load(open(os.path.join(out, "bench.json")))
+    for key in ("seqs_per_s", "model_flops_per_s", "peak_flops_per_s", "mfu"):
+        assert b[key] > 0
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--n", "0"], "--n must be"),
+    (["--l", "1"], "--l must be"),
+    (["--epochs", "-3"], "--epochs must be"),
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--n", "abc"], "invalid int value"),
+])
+def test_bad_flags_exit_with_one_line(tmp_path, flags, msg, capsys):
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("earlier")
+    with pytest.raises(SystemExit) as e:
+        exp_pathstar.main(TINY + flags + ["--out", str(out)])
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0]
+    assert (out / "metrics.json").read_text() == "earlier"
+
+
+def test_unwritable_out_and_missing_checkpoint(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit):
+        exp_pathstar.main(TINY + ["--out", str(blocker / "sub")])
+    assert "cannot write to --out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        exp_pathstar.main(TINY + ["--resume", "--out", str(tmp_path / "empty")])
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_cli_error_has_no_traceback():
+    r = run_cli(["--l", "1", "--out", "/tmp/unused"])
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+
+
+def test_killed_run_resumes_to_the_same_history(tmp_path):
+    flags = TINY + ["--epochs", "150", "--eval-every", "1"]
+    full = str(tmp_path / "full")
+    exp_pathstar.main(flags + ["--out", full])
+    ref = json.load(open(os.path.join(full, "metrics.json")))["history"]
+
+    part = str(tmp_path / "part")
+    proc = subprocess.Popen([sys.executable, "exp_pathstar.py", *flags, "--out", part], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = os.path.join(part, "checkpoint.pt")
+    while not os.path.exists(ckpt) and proc.poll() is None:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    killed_at = torch.load(ckpt, weights_only=False)["epoch"]
+    assert killed_at < 150 and not os.path.exists(os.path.join(part, "metrics.json"))
+
+    with pytest.raises(SystemExit):  # a changed flag is refused
+        exp_pathstar.main(flags[:-4] + ["--epochs", "99", "--eval-every", "1", "--resume", "--out", part])
+    exp_pathstar.main(flags + ["--resume", "--out", part])
+    got = json.load(open(os.path.join(part, "metrics.json")))["history"]
+    assert len(got) == len(ref) == 150
+    assert [h["epoch"] for h in got] == [h["epoch"] for h in ref]
+    assert got[-1]["test_first_token_acc"] == ref[-1]["test_first_token_acc"]
+    assert got[-1]["edge_acc"] == ref[-1]["edge_acc"]
