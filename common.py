@@ -498,6 +498,29 @@ def edge_recall(model, edges, vocab, device, chunk=4096):
     return hits / len(e)
 
 
+# ----------------------------------------------------------------------------- geometry
+
+
+def cosine_matrix(a, b=None):
+    """Cosine similarities between the rows of a and of b (default a)."""
+    a = torch.as_tensor(a, dtype=torch.float32)
+    b = a if b is None else torch.as_tensor(b, dtype=torch.float32)
+    return F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
+
+
+def navigation_score(emb, arms, all_arms):
+    """§2.4 geometry score: for the leaf of each arm in `arms`, rank the root's children (the
+    first nodes of `all_arms`) by cosine similarity to the leaf's embedding. Returns the top-1
+    rate (the leaf points at its own first node; chance 1/d) and the mean rank (1 = best;
+    chance (d+1)/2)."""
+    emb = torch.as_tensor(emb, dtype=torch.float32)
+    column = {a[1]: i for i, a in enumerate(all_arms)}
+    own = torch.tensor([column[arm[1]] for arm in arms])
+    sim = cosine_matrix(emb[[a[-1] for a in arms]], emb[[a[1] for a in all_arms]])
+    rank = 1 + (sim > sim.gather(1, own[:, None])).sum(1).float()
+    return (rank == 1).float().mean().item(), rank.mean().item()
+
+
 # ----------------------------------------------------------------------------- benchmarking
 
 
@@ -560,22 +583,54 @@ def device_name(device):
 # ----------------------------------------------------------------------------- plotting
 
 
-def plot_curves(path, history, series, title, ylabel="accuracy", chance=None, xkey="epoch"):
-    """One line per (key, label) in `series` over the history; optional dashed chance level."""
+def plot_cosine_heatmap(path, emb, blocks, labels, title):
+    """Cosine similarities of the embeddings of the nodes in `blocks` (lists of node ids, shown
+    in order, one block per arm), with block boundaries drawn."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    x = [h[xkey] for h in history]
-    for key, label in series:
-        ax.plot(x, [h[key] for h in history], label=label, lw=1.6)
-    if chance is not None:
-        ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance = {chance:.3g}")
-    ax.set(title=title, xlabel=xkey, ylabel=ylabel)
-    if ylabel == "accuracy":
-        ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    nodes = [v for b in blocks for v in b]
+    sim = cosine_matrix(emb[nodes]).numpy()
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    im = ax.imshow(sim, cmap="RdBu_r", vmin=-1, vmax=1)
+    edges = np.cumsum([len(b) for b in blocks])[:-1] - 0.5
+    for e in edges:
+        ax.axhline(e, color="k", lw=0.6)
+        ax.axvline(e, color="k", lw=0.6)
+    centers = np.cumsum([len(b) for b in blocks]) - np.array([len(b) for b in blocks]) / 2 - 0.5
+    ax.set_xticks(centers, labels, rotation=90, fontsize=7)
+    ax.set_yticks(centers, labels, fontsize=7)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="cosine similarity")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_panels(path, panels, title):
+    """Side-by-side line plots. panels: [(subtitle, ylabel, [(xs, ys, label)], chance or None)];
+    an 'accuracy' panel is drawn on [0, 1]."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 1.2, 4.0), squeeze=False)
+    for ax, (subtitle, ylabel, lines, chance) in zip(axes[0], panels):
+        for xs, ys, label in lines:
+            ax.plot(xs, ys, label=label, lw=1.6)
+        if chance is not None:
+            ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance = {chance:.3g}")
+        if "accuracy" in ylabel:
+            ax.set_ylim(-0.02, 1.02)
+        ax.set(title=subtitle, xlabel="epoch", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_curves(path, history, series, title, ylabel="accuracy", chance=None):
+    """One panel: a line per (key, label) of `series` over the history's epochs."""
+    x = [h["epoch"] for h in history]
+    plot_panels(path, [(None, ylabel, [(x, [h[k] for h in history], label) for k, label in series], chance)], title)

@@ -4,6 +4,9 @@ graph and learns paths for 75% of its leaves; can it find the path from a held-o
   python exp_pathstar.py --quick --first-token-only       # CPU demo, a few minutes
   python exp_pathstar.py --n 5000 --first-token-only      # the paper's setting, one GPU
 """
+import argparse
+import csv
+import json
 import os
 import sys
 import time
@@ -12,13 +15,26 @@ import numpy as np
 import torch
 
 from common import (GPT, ArgParser, GPTConfig, Phase, Vocab, arm_edges, benchmark, device_name,
-                    die, edge_group, edge_recall, greedy_decode, parse_with_presets, path_group,
-                    path_prompts, path_star, path_targets, pick_device, plot_curves, prepare_out,
-                    seed_everything, split_arms, token_embeddings, train, write_json)
+                    die, edge_group, edge_recall, greedy_decode, navigation_score, parse_with_presets,
+                    path_group, path_prompts, path_star, path_targets, pick_device, plot_cosine_heatmap,
+                    plot_curves, plot_panels, prepare_out, seed_everything, split_arms,
+                    token_embeddings, train, write_json)
 
 # CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (see README, "Finding a quick setting")
 QUICK = dict(n=300, l=5, n_layer=2, n_embd=64, n_head=4, pauses=4, lr=3e-3, weight_decay=0.1,
-             batch_size=256, warmup=100, epochs=600, eval_every=20)
+             batch_size=256, warmup=100, epochs=600, eval_every=20,
+             edge_epochs=300, edge_lr=3e-3, edge_batch_size=256, edge_warmup=100)
+
+# --sweep NAME: arm name -> the flags it sets (App. D and E.1 controls, Figs. 3, 12, 33-36)
+SWEEPS = {
+    "edges": {f"{e}{suffix}": dict(edges=e, reverse_path=rev)
+              for suffix, rev in (("", False), ("_reverse", True)) for e in ("both", "forward", "backward")},
+    "pauses": {f"p{k}": dict(pauses=k) for k in (0, 1, 2, 4, 8)},
+    "recipe": {"interleaved": dict(recipe="interleaved"), "staged": dict(recipe="staged")},
+    "frozen": {"trained": dict(freeze_embeddings=False), "frozen": dict(freeze_embeddings=True)},
+    "direction": {"forward": dict(reverse_path=False), "reverse": dict(reverse_path=True)},
+    "first-token": {"full_path": dict(first_token_only=False), "first_token": dict(first_token_only=True)},
+}
 
 
 def get_args(argv=None):
@@ -35,6 +51,8 @@ def get_args(argv=None):
     g.add_argument("--pauses", type=int, default=5, help="[PAUSE] tokens after the leaf (Table 2: 5 for G(5000,5))")
     g.add_argument("--recipe", choices=["interleaved", "staged"], default="interleaved",
                    help="edges and paths in every batch, or an edge phase then a path phase (App. D.3)")
+    g.add_argument("--no-paths", action="store_true",
+                   help="train on edges alone (§3.1: does a geometry appear without path supervision?)")
     m = p.add_argument_group("model (default GPT-mid)")
     m.add_argument("--n-layer", type=int, default=12, help="Transformer blocks")
     m.add_argument("--n-embd", type=int, default=384, help="width")
@@ -62,6 +80,8 @@ def get_args(argv=None):
     r.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     r.add_argument("--bench", action="store_true",
                    help="time training steps of this configuration, write --out/bench.json, no training")
+    r.add_argument("--sweep", choices=list(SWEEPS), help="run every arm of a control into --out/<arm>/ "
+                   "plus summary.csv and summary.png: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in SWEEPS.items()))
     args = parse_with_presets(p, {"quick": QUICK}, argv)
     checks = [(args.n >= 2, "--n must be >= 2 (arms; some leaves are held out)"),
               (args.l >= 2, "--l must be >= 2 (nodes per root-to-leaf path, root included)"),
@@ -75,7 +95,9 @@ def get_args(argv=None):
               (min(args.batch_size, args.edge_batch_size) >= 1, "batch sizes must be >= 1"),
               (min(args.warmup, args.edge_warmup) >= 0, "warm-up steps must be >= 0"),
               (min(args.lr, args.edge_lr) > 0, "learning rates must be > 0"),
-              (args.weight_decay >= 0 and 0 <= args.dropout < 1, "bad --weight-decay or --dropout")]
+              (args.weight_decay >= 0 and 0 <= args.dropout < 1, "bad --weight-decay or --dropout"),
+              (not (args.no_paths and args.recipe == "staged"), "--no-paths has no path phase to stage"),
+              (not (args.sweep and args.bench), "--bench times one configuration; drop --sweep")]
     for ok, msg in checks:
         if not ok:
             die(msg)
@@ -116,6 +138,9 @@ def make_evaluate(data, args, device):
             res[f"{split}_token_acc"] = correct.mean(0).tolist()
         res["edge_acc"] = edge_recall(model, data["edges"], data["vocab"], device)
         res["chance_first_token"] = 1.0 / args.n
+        emb = model.wte.weight[: data["vocab"].num_nodes].float().cpu()
+        res["navigation_acc"], res["navigation_mean_rank"] = navigation_score(emb, data["test_arms"], data["arms"])
+        res["chance_navigation_mean_rank"] = (args.n + 1) / 2
         return res
     return evaluate
 
@@ -123,10 +148,26 @@ def make_evaluate(data, args, device):
 def phases_for(data, args, device):
     to = lambda g: tuple(t.to(device) for t in g)
     edges, paths = to(data["edge_group"]), to(data["path_group"])
+    if args.no_paths:
+        return [Phase("edges", [edges], args.epochs, args.batch_size, args.lr, args.warmup)]
     if args.recipe == "staged":  # App. D.3: memorize edges first, then fine-tune on paths alone
         return [Phase("edges", [edges], args.edge_epochs, args.edge_batch_size, args.edge_lr, args.edge_warmup),
                 Phase("paths", [paths], args.epochs, args.batch_size, args.lr, args.warmup)]
     return [Phase("interleaved", [edges, paths], args.epochs, args.batch_size, args.lr, args.warmup)]
+
+
+def scale(args):
+    return f"G({args.n},{args.l}), GPT {args.n_layer}L x {args.n_embd}"
+
+
+def describe(args):
+    """Short label of a run for figure titles: scale and the flags that change the task."""
+    parts = [scale(args)]
+    parts.append("edges only" if args.no_paths else "first-token-only" if args.first_token_only else "full path")
+    parts += [f"edges {args.edges}", f"{args.pauses} pauses"]
+    parts += ["reversed path"] * args.reverse_path + ["staged"] * (args.recipe == "staged")
+    parts += ["frozen embeddings"] * args.freeze_embeddings
+    return ", ".join(parts)
 
 
 def write_outputs(out, args, data, model, history, wall, device):
@@ -139,28 +180,35 @@ def write_outputs(out, args, data, model, history, wall, device):
         "train_leaves": [a[-1] for a in data["train_arms"]],
         "test_leaves": [a[-1] for a in data["test_arms"]],
         "edge_examples": data["edges"].tolist(), "train_paths": data["train_targets"].tolist()})
-    np.save(os.path.join(out, "embeddings.npy"), token_embeddings(model, data["vocab"].num_nodes))
-    scale = f"G({args.n},{args.l}), {args.n_layer}L x {args.n_embd}"
-    target = "first-token-only" if args.first_token_only else "full path"
+    emb = token_embeddings(model, data["vocab"].num_nodes)
+    np.save(os.path.join(out, "embeddings.npy"), emb)
+    label, chance = describe(args), 1.0 / args.n
     series = [("test_first_token_acc", "held-out first token"), ("test_path_acc", "held-out full path"),
               ("train_first_token_acc", "train first token"), ("train_path_acc", "train full path"),
               ("edge_acc", "edges memorized")]
-    if args.first_token_only:  # later hops carry no loss: their curves say nothing
+    if args.first_token_only or args.no_paths:  # hops without a loss: their curves say nothing
         series = [s for s in series if "path" not in s[0]]
-    plot_curves(os.path.join(out, "accuracy.png"), history, series,
-                f"Path-star {scale}, {target} training", chance=1.0 / args.n)
-    token_hist = [dict(epoch=h["epoch"], **{f"pos{i}": a for i, a in enumerate(h["test_token_acc"])})
-                  for h in history]
+    plot_curves(os.path.join(out, "accuracy.png"), history, series, f"Path-star: {label}", chance=chance)
     names = ["start"] + [f"hop {i}" for i in range(1, args.l)]
-    plot_curves(os.path.join(out, "token_accuracy.png"), token_hist,
-                [(f"pos{i}", f"{names[i]}") for i in range(args.l)],
-                f"Held-out per-position accuracy (greedy), {scale}, {target}", chance=1.0 / args.n)
+    x = [h["epoch"] for h in history]
+    plot_panels(os.path.join(out, "token_accuracy.png"), [(
+        "held-out leaves, greedy decoding", "accuracy",
+        [(x, [h["test_token_acc"][i] for h in history], names[i]) for i in range(args.l)], chance)],
+        f"Per-position accuracy: {label}")
+    plot_panels(os.path.join(out, "geometry.png"), [
+        ("held-out leaves", "accuracy", [(x, [h["test_first_token_acc"] for h in history], "first-token accuracy"),
+                                         (x, [h["navigation_acc"] for h in history], "navigation (top-1)")], chance),
+        ("rank of own first node among root children", "mean rank (1 = best)",
+         [(x, [h["navigation_mean_rank"] for h in history], "navigation mean rank")], (args.n + 1) / 2)],
+        f"Embedding geometry: {label}")
+    shown = data["test_arms"][:8]  # held-out arms: their paths were never trained end to end
+    plot_cosine_heatmap(os.path.join(out, "embedding_heatmap.png"), emb, [a[1:] for a in shown],
+                        [f"arm {a[1]}: a1..leaf" for a in shown],
+                        f"Cosine similarity of node embeddings, {len(shown)} held-out arms\n{label}")
 
 
-def main(argv=None):
-    args = get_args(argv)
-    device = pick_device(args.device)
-    prepare_out(args.out)
+def run(args, device):
+    """One training run (or benchmark) of the configuration in `args`; returns its metrics."""
     seed_everything(args.seed)
     data = build(args)
     vocab = data["vocab"]
@@ -180,9 +228,9 @@ def main(argv=None):
         print("warning: a GPU-sized configuration on the CPU; see the ETA on the progress bar "
               "(--quick is the CPU-sized preset)", file=sys.stderr)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"G({args.n},{args.l}): {vocab.num_nodes} nodes, {len(data['edges'])} edge examples, "
+    print(f"{describe(args)}: {vocab.num_nodes} nodes, {len(data['edges'])} edge examples, "
           f"{len(data['train_arms'])} train / {len(data['test_arms'])} held-out leaves; "
-          f"GPT {args.n_layer}x{args.n_embd}, {n_params / 1e6:.2f}M params on {device_name(device)}")
+          f"{n_params / 1e6:.2f}M params on {device_name(device)}")
     t0 = time.time()
     history = train(model, phases, weight_decay=args.weight_decay, evaluate=make_evaluate(data, args, device),
                     eval_every=args.eval_every, device=device, seed=args.seed,
@@ -192,9 +240,64 @@ def main(argv=None):
     write_outputs(args.out, args, data, model, history, wall, device)
     f = history[-1]
     print(f"held-out first token {f['test_first_token_acc']:.3f} (chance {f['chance_first_token']:.4f}), "
-          f"held-out path {f['test_path_acc']:.3f}, train first token {f['train_first_token_acc']:.3f}, "
-          f"edges {f['edge_acc']:.3f}; {wall:.0f}s -> {args.out}")
-    return history
+          f"held-out path {f['test_path_acc']:.3f}, navigation {f['navigation_acc']:.3f}, "
+          f"train first token {f['train_first_token_acc']:.3f}, edges {f['edge_acc']:.3f}; "
+          f"{wall:.0f}s -> {args.out}")
+    return {"history": history, "wall_time_s": wall}
+
+
+SUMMARY_KEYS = ["test_first_token_acc", "test_path_acc", "navigation_acc", "navigation_mean_rank",
+                "chance_first_token", "peak_test_first_token_acc", "peak_test_path_acc",
+                "train_first_token_acc", "train_path_acc", "edge_acc", "wall_time_s"]
+
+
+def run_sweep(args, device):
+    """Each arm of the sweep is an ordinary run in --out/<arm>/. With --resume, finished arms are
+    kept, interrupted ones resumed, missing ones started."""
+    results = {}
+    for arm, flags in SWEEPS[args.sweep].items():
+        a = argparse.Namespace(**{**vars(args), **flags, "sweep": None, "out": os.path.join(args.out, arm)})
+        prepare_out(a.out)
+        metrics = os.path.join(a.out, "metrics.json")
+        old = json.load(open(metrics)) if args.resume and os.path.exists(metrics) else None
+        if old and {k: v for k, v in old["config"].items() if k != "resume"} == \
+                {k: v for k, v in vars(a).items() if k != "resume"}:
+            print(f"[{args.sweep}] {arm}: finished earlier, kept")
+            results[arm] = old
+            continue
+        a.resume = args.resume and os.path.exists(os.path.join(a.out, "checkpoint.pt"))
+        print(f"[{args.sweep}] {arm}: " + " ".join(f"{k}={v}" for k, v in flags.items()))
+        results[arm] = run(a, device)
+    rows = []
+    for arm, r in results.items():
+        h = r["history"]
+        row = {"arm": arm, **{k: v for k, v in h[-1].items() if not isinstance(v, list)},
+               "peak_test_first_token_acc": max(x["test_first_token_acc"] for x in h),
+               "peak_test_path_acc": max(x["test_path_acc"] for x in h), "wall_time_s": r["wall_time_s"]}
+        rows.append({k: row[k] for k in ["arm"] + SUMMARY_KEYS})
+    with open(os.path.join(args.out, "summary.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["arm"] + SUMMARY_KEYS)
+        w.writeheader()
+        w.writerows(rows)
+    curves = lambda key: [([x["epoch"] for x in r["history"]], [x[key] for x in r["history"]], arm)
+                          for arm, r in results.items()]
+    plot_panels(os.path.join(args.out, "summary.png"), [
+        ("held-out first token", "accuracy", curves("test_first_token_acc"), 1.0 / args.n),
+        ("held-out full path (exact match)", "accuracy", curves("test_path_acc"), None),
+        ("navigation: leaf -> own first node", "accuracy", curves("navigation_acc"), 1.0 / args.n)],
+        f"Sweep '{args.sweep}' on {scale(args)}, {args.epochs} epochs")
+    for row in rows:
+        print(f"  {row['arm']:>18}: first token {row['test_first_token_acc']:.3f} (peak "
+              f"{row['peak_test_first_token_acc']:.3f}), path {row['test_path_acc']:.3f}, "
+              f"navigation {row['navigation_acc']:.3f}")
+    return rows
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = pick_device(args.device)
+    prepare_out(args.out)
+    return run_sweep(args, device) if args.sweep else run(args, device)
 
 
 if __name__ == "__main__":

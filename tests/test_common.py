@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from common import (GPT, GPTConfig, GroupSampler, Phase, Vocab, arm_edges, edge_group, edge_recall,
-                    greedy_decode, lr_at, path_group, path_prompts, path_star, path_targets,
-                    split_arms, train)
+                    cosine_matrix, greedy_decode, lr_at, navigation_score, path_group, path_prompts,
+                    path_star, path_targets, split_arms, train)
 
 
 @pytest.mark.parametrize("d,l", [(1, 2), (3, 5), (50, 4), (7, 10)])
@@ -165,3 +165,20 @@ def test_greedy_decode_and_edge_recall_on_a_perfect_lookup():
     out = greedy_decode(Table(), torch.tensor([[0], [2]]), 3, "cpu")
     assert out.tolist() == [[1, 2, 3], [3, 0, 1]]
     assert edge_recall(Table(), np.array([[0, 1], [1, 2], [2, 0]]), vocab, "cpu") == pytest.approx(2 / 3)
+
+
+def test_navigation_score_known_answers():
+    _, _, arms = path_star(5, 4, seed=0)
+    eye = torch.eye(16)
+    emb = torch.zeros(16, 16)
+    for i, arm in enumerate(arms):  # each arm on its own axis: every leaf points at its own arm
+        emb[arm[1:]] = eye[i]
+    assert navigation_score(emb, arms[:3], arms) == (1.0, 1.0)
+    for i, arm in enumerate(arms):  # leaf i now sits on arm i+1's axis: own first node ranks 2nd
+        emb[arm[-1]] = eye[(i + 1) % 5]
+    assert navigation_score(emb, arms, arms) == (0.0, 2.0)
+
+
+def test_cosine_matrix():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])
+    assert torch.allclose(cosine_matrix(a), torch.tensor([[1.0, 0, -1], [0, 1, 0], [-1, 0, 1]]))

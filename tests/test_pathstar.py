@@ -49,7 +49,7 @@ def test_staged_and_variants_run(tmp_path):
     hist = exp_pathstar.main(TINY + ["--recipe", "staged", "--edge-epochs", "2", "--edge-batch-size", "64",
                                      "--epochs", "2", "--eval-every", "1", "--reverse-path",
                                      "--edges", "backward", "--pauses", "0", "--freeze-embeddings",
-                                     "--out", out])
+                                     "--out", out])["history"]
     assert [(h["epoch"], h["phase"]) for h in hist] == [(1, "edges"), (2, "edges"), (3, "paths"), (4, "paths")]
 
 
@@ -123,3 +123,29 @@ def test_killed_run_resumes_to_the_same_history(tmp_path):
     assert [h["epoch"] for h in got] == [h["epoch"] for h in ref]
     assert got[-1]["test_first_token_acc"] == ref[-1]["test_first_token_acc"]
     assert got[-1]["edge_acc"] == ref[-1]["edge_acc"]
+
+
+def test_sweep_writes_arms_and_summary(tmp_path):
+    out = tmp_path / "sweep"
+    rows = exp_pathstar.main(TINY + ["--sweep", "frozen", "--epochs", "2", "--eval-every", "1", "--out", str(out)])
+    assert [r["arm"] for r in rows] == ["trained", "frozen"]
+    for arm in ("trained", "frozen"):
+        m = json.load(open(out / arm / "metrics.json"))
+        assert m["config"]["freeze_embeddings"] == (arm == "frozen") and m["config"]["sweep"] is None
+        assert (out / arm / "graph.json").exists() and (out / arm / "embeddings.npy").exists()
+    lines = (out / "summary.csv").read_text().splitlines()
+    assert lines[0].startswith("arm,test_first_token_acc,test_path_acc,navigation_acc")
+    assert len(lines) == 3 and (out / "summary.png").stat().st_size > 1000
+    again = exp_pathstar.main(TINY + ["--sweep", "frozen", "--epochs", "2", "--eval-every", "1",
+                                      "--resume", "--out", str(out)])  # finished arms are kept
+    assert again == rows
+
+
+def test_edges_only_reports_geometry(tmp_path):
+    out = tmp_path / "edges_only"
+    exp_pathstar.main(TINY + ["--no-paths", "--epochs", "2", "--out", str(out)])
+    f = json.load(open(out / "metrics.json"))["final"]
+    assert 0 <= f["navigation_acc"] <= 1 and 1 <= f["navigation_mean_rank"] <= 24
+    assert f["chance_navigation_mean_rank"] == 12.5
+    for fig in ("geometry.png", "embedding_heatmap.png"):
+        assert (out / fig).stat().st_size > 1000
