@@ -280,6 +280,221 @@ class GPT(nn.Module):
         return 3 * (B * T * per_token + B * attn + 2 * n_loss * C * self.cfg.vocab_size)
 
 
+    @torch.no_grad()
+    def generate(self, idx, n_new):
+        """Greedy continuation by recomputing the whole prefix (sequences here are short)."""
+        for _ in range(n_new):
+            idx = torch.cat([idx, self(idx).argmax(-1, keepdim=True)], 1)
+        return idx[:, -n_new:]
+
+
+# ----------------------------------------------------------------------------- Mamba
+# Selective state-space model (Gu & Dao 2023), plain PyTorch so it runs wherever PyTorch runs
+# (App. C.1 repeats the path-star results on Mamba). Shapes inside the scan:
+#   b batch, d channels (= expand * width), L length, n d_state
+
+
+def selective_scan_ref(u, delta, A, B, C, D):
+    """The definition, one step at a time. u, delta: (b, d, L); A: (d, n); B, C: (b, n, L);
+    D: (d,) -> y (b, d, L) with h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t (zero-order hold
+    for A, Euler for B) and y_t = C_t . h_t + D u_t."""
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for t in range(u.shape[2]):
+        dt = delta[:, :, t, None]
+        h = torch.exp(dt * A) * h + dt * B[:, None, :, t] * u[:, :, t, None]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    return torch.stack(ys, -1) + D[:, None] * u
+
+
+class SelectiveScan(torch.autograd.Function):
+    """The same recurrence, fast. Autograd through the reference records ~10 fresh (b, d, n)
+    tensors per step; here each step is a few in-place ops on reused buffers, the C readout and
+    its gradient are single batched matmuls over all steps, and the backward pass runs the
+    adjoint recurrence g_t = C_t gy_t + exp(delta_{t+1} A) g_{t+1} right to left. Only the
+    states h_t are kept for backward. Time-major (L, b, ...) keeps each step's slice contiguous.
+    (A log-depth parallel scan does O(L log L) work: it pays on a GPU, not on a CPU.)"""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D):
+        ut, dt, Bt, Ct = (x.permute(2, 0, 1).contiguous() for x in (u, delta, B, C))  # (L, b, .)
+        du = dt * ut
+        hs = u.new_empty(*du.shape, A.shape[1])  # h_t for every step: (L, b, d, n)
+        dA = u.new_empty(hs.shape[1:])
+        for t in range(len(hs)):
+            torch.mul(du[t, :, :, None], Bt[t, :, None, :], out=hs[t])  # delta_t B_t u_t
+            if t:
+                torch.mul(dt[t, :, :, None], A, out=dA).exp_()  # exp(delta_t A)
+                hs[t].addcmul_(dA, hs[t - 1])
+        y = (hs @ Ct[..., None])[..., 0].permute(1, 2, 0) + D[:, None] * u  # C_t . h_t + D u_t
+        ctx.save_for_backward(ut, dt, A, Bt, Ct, D, hs)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        ut, dt, A, Bt, Ct, D, hs = ctx.saved_tensors
+        gyt = gy.permute(2, 0, 1).contiguous()  # (L, b, d)
+        du = dt * ut
+        gC = (gyt[:, :, None, :] @ hs)[:, :, 0]  # (L, b, n)
+        gh_B, g_delta, gB = torch.empty_like(gyt), torch.zeros_like(gyt), torch.empty_like(gC)
+        gA = torch.zeros_like(A)
+        gh, dA, dA_next = (hs.new_empty(hs.shape[1:]) for _ in range(3))
+        for t in range(len(hs) - 1, -1, -1):
+            if t == len(hs) - 1:
+                torch.mul(gyt[t, :, :, None], Ct[t, :, None, :], out=gh)
+            else:  # g_t = C_t gy_t + exp(delta_{t+1} A) g_{t+1}
+                gh.mul_(dA_next).addcmul_(gyt[t, :, :, None], Ct[t, :, None, :])
+            torch.matmul(gh, Bt[t, :, :, None], out=gh_B[t, :, :, None])  # sum_n g_t B_t
+            torch.matmul(du[t, :, None, :], gh, out=gB[t, :, None, :])  # sum_d g_t delta_t u_t
+            if t:  # d/d(delta_t A) of exp(delta_t A) h_{t-1}
+                torch.mul(dt[t, :, :, None], A, out=dA).exp_()
+                q = gh * dA * hs[t - 1]
+                g_delta[t] = (q * A).sum(-1)
+                gA += (q * dt[t, :, :, None]).sum(0)
+                dA, dA_next = dA_next, dA
+        g_delta += gh_B * ut
+        g_u = gh_B * dt + gyt * D
+        gD = (gyt * ut).sum((0, 1))
+        back = lambda x: x.permute(1, 2, 0)  # (L, b, .) -> (b, ., L)
+        return back(g_u), back(g_delta), gA, back(gB), back(gC), gD
+
+
+def selective_scan(u, delta, A, B, C, D):
+    """Fast scan with the signature and result of `selective_scan_ref`."""
+    return SelectiveScan.apply(u, delta, A, B, C, D)
+
+
+@dataclass
+class MambaConfig:
+    vocab_size: int
+    n_layer: int = 12
+    n_embd: int = 384
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    freeze_embeddings: bool = False
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class MambaMixer(nn.Module):
+    """in_proj -> (x, z); x: causal depthwise conv, SiLU, input-dependent delta, B, C, selective
+    scan; output gated by SiLU(z), out_proj."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        E, n = cfg.expand * cfg.n_embd, cfg.d_state
+        self.dt_rank = math.ceil(cfg.n_embd / 16)
+        self.in_proj = nn.Linear(cfg.n_embd, 2 * E, bias=False)
+        # causal depthwise conv as d_conv shifted multiply-adds (CPU conv1d backward is slow)
+        self.conv_weight = nn.Parameter(torch.empty(E, cfg.d_conv).uniform_(-cfg.d_conv ** -0.5, cfg.d_conv ** -0.5))
+        self.conv_bias = nn.Parameter(torch.zeros(E))
+        self.x_proj = nn.Linear(E, self.dt_rank + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, E)
+        self.out_proj = nn.Linear(E, cfg.n_embd, bias=False)
+        # S4D-real init: A = -(1, 2, ..., n) for every channel, stored as log(-A)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1).float()).repeat(E, 1))
+        self.D = nn.Parameter(torch.ones(E))
+        # delta starts log-uniform in [1e-3, 1e-1]: softplus^-1 of it as the dt_proj bias
+        dt = torch.exp(torch.rand(E) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+
+    def ssm_params(self, x):
+        """x: (..., E) after conv -> delta (..., E), B, C (..., n)."""
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.A_log.shape[1], self.A_log.shape[1]], -1)
+        return F.softplus(self.dt_proj(dt)), B, C
+
+    def forward(self, x, scan=selective_scan):
+        L, K = x.shape[1], self.conv_weight.shape[1]
+        xi, z = self.in_proj(x).chunk(2, -1)  # (b, L, E) each
+        padded = F.pad(xi, (0, 0, K - 1, 0))  # zeros before the first token: causal
+        xi = F.silu(sum(padded[:, k:k + L] * self.conv_weight[:, k] for k in range(K)) + self.conv_bias)
+        delta, B, C = self.ssm_params(xi)
+        xi = xi.transpose(1, 2)  # (b, E, L) for the scan
+        y = scan(xi.float(), delta.transpose(1, 2).float(), -torch.exp(self.A_log.float()),
+                 B.transpose(1, 2).float(), C.transpose(1, 2).float(), self.D.float())
+        return self.out_proj(y.transpose(1, 2).to(x.dtype) * F.silu(z))
+
+    def step(self, x, state):
+        """One token: x (b, C); state = (last d_conv-1 conv inputs (b, E, d_conv-1), h (b, E, n))."""
+        conv_in, h = state
+        xi, z = self.in_proj(x).chunk(2, -1)
+        window = torch.cat([conv_in, xi[..., None]], -1)  # (b, E, d_conv)
+        xi = F.silu((window * self.conv_weight).sum(-1) + self.conv_bias)
+        delta, B, C = self.ssm_params(xi)
+        h = torch.exp(delta[..., None] * -torch.exp(self.A_log)) * h + (delta * xi)[..., None] * B[:, None]
+        y = (h * C[:, None]).sum(-1) + self.D * xi
+        return self.out_proj(y * F.silu(z)), (window[..., 1:], h)
+
+
+class MambaLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm, self.mixer = RMSNorm(cfg.n_embd), MambaMixer(cfg)
+
+    def forward(self, x, scan=selective_scan):
+        return x + self.mixer(self.norm(x), scan)
+
+
+class Mamba(nn.Module):
+    """Mamba language model with the GPT's interface: forward(idx, targets), generate, flops."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        nn.init.normal_(self.wte.weight, 0.0, 0.02)
+        self.layers = nn.ModuleList(MambaLayer(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = RMSNorm(cfg.n_embd)
+        for layer in self.layers:  # pre-norm residual: shrink each block's output by sqrt(depth)
+            with torch.no_grad():
+                layer.mixer.out_proj.weight /= math.sqrt(cfg.n_layer)
+        self.wte.weight.requires_grad_(not cfg.freeze_embeddings)
+
+    def hidden(self, idx, scan=selective_scan):
+        x = self.wte(idx)
+        for layer in self.layers:
+            x = layer(x, scan)
+        return self.norm_f(x)
+
+    forward = GPT.forward
+
+    @torch.no_grad()
+    def generate(self, idx, n_new):
+        """Greedy continuation carrying the recurrent state token by token (no recomputation)."""
+        b, E = idx.shape[0], self.cfg.expand * self.cfg.n_embd
+        states = [(idx.new_zeros(b, E, self.cfg.d_conv - 1, dtype=torch.float),
+                   idx.new_zeros(b, E, self.cfg.d_state, dtype=torch.float)) for _ in self.layers]
+        out = []
+        for t in range(idx.shape[1] + n_new - 1):
+            tok = idx[:, t] if t < idx.shape[1] else out[-1]
+            x = self.wte(tok).float()
+            for i, layer in enumerate(self.layers):
+                y, states[i] = layer.mixer.step(layer.norm(x), states[i])
+                x = x + y
+            if t >= idx.shape[1] - 1:
+                out.append((self.norm_f(x) @ self.wte.weight.float().T).argmax(-1))
+        return torch.stack(out, 1)
+
+    def flops(self, B, T, n_loss):
+        """Training FLOPs (3x forward): projections, conv, scan (~9 per channel and state: exp,
+        the update and the C readout), and logits only where a loss is taken."""
+        c, L = self.cfg, self.cfg.n_layer
+        E, n, R = c.expand * c.n_embd, c.d_state, math.ceil(c.n_embd / 16)
+        per_token = L * (2 * c.n_embd * 2 * E + 2 * E * c.d_conv + 2 * E * (R + 2 * n) + 2 * R * E
+                         + 9 * E * n + 2 * E * c.n_embd)
+        return 3 * (B * T * per_token + 2 * n_loss * c.n_embd * c.vocab_size)
+
+
 def token_embeddings(model, num_nodes):
     """Node embeddings as an (N, C) numpy array, row i = node i."""
     return model.wte.weight[:num_nodes].detach().float().cpu().numpy()
@@ -468,16 +683,13 @@ def load_checkpoint(path, config, device):
 
 @torch.no_grad()
 def greedy_decode(model, prompts, n_new, device, chunk=4096):
-    """Greedy (top-1) continuation of (P, Tp) prompts by n_new tokens -> (P, n_new)."""
+    """Greedy (top-1) continuation of (P, Tp) prompts by n_new tokens -> (P, n_new), on the
+    device in chunks, through the model's own `generate`."""
     out = []
     for i in range(0, len(prompts), chunk):
-        seq = prompts[i: i + chunk].to(device)
-        for _ in range(n_new):
-            with autocast(device):
-                nxt = model(seq).argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-        out.append(seq[:, -n_new:])
-    return torch.cat(out).cpu()
+        with autocast(device):
+            out.append(model.generate(prompts[i: i + chunk].to(device), n_new).cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()

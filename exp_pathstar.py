@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from common import (GPT, ArgParser, GPTConfig, Phase, Vocab, arm_edges, benchmark, device_name,
+from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Phase, Vocab, arm_edges, benchmark, device_name,
                     die, edge_group, edge_recall, greedy_decode, navigation_score, parse_with_presets,
                     path_group, path_prompts, path_star, path_targets, pick_device, plot_cosine_heatmap,
                     plot_curves, plot_panels, prepare_out, seed_everything, split_arms,
@@ -37,8 +37,9 @@ SWEEPS = {
 }
 
 
-def get_args(argv=None):
-    p = ArgParser(description=__doc__.split("\n\n")[0])
+def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK):
+    """Flags of the path-star experiment; exp_mamba.py reuses them with Mamba defaults."""
+    p = ArgParser(description=doc.split("\n\n")[0])
     g = p.add_argument_group("graph and task")
     g.add_argument("--n", type=int, default=5000, help="arms d of the path-star graph G(d, l)")
     g.add_argument("--l", type=int, default=5, help="nodes on a root-to-leaf path, root included")
@@ -54,10 +55,14 @@ def get_args(argv=None):
     g.add_argument("--no-paths", action="store_true",
                    help="train on edges alone (§3.1: does a geometry appear without path supervision?)")
     m = p.add_argument_group("model (default GPT-mid)")
-    m.add_argument("--n-layer", type=int, default=12, help="Transformer blocks")
+    m.add_argument("--model", choices=["gpt", "mamba"], default="gpt", help="sequence model")
+    m.add_argument("--n-layer", type=int, default=12, help="blocks (GPT) or layers (Mamba)")
     m.add_argument("--n-embd", type=int, default=384, help="width")
-    m.add_argument("--n-head", type=int, default=8, help="attention heads")
-    m.add_argument("--dropout", type=float, default=0.0, help="dropout on embeddings, attention and MLP")
+    m.add_argument("--n-head", type=int, default=8, help="GPT: attention heads")
+    m.add_argument("--dropout", type=float, default=0.0, help="GPT: dropout on embeddings, attention and MLP")
+    m.add_argument("--d-state", type=int, default=16, help="Mamba: SSM state size per channel")
+    m.add_argument("--d-conv", type=int, default=4, help="Mamba: causal conv width")
+    m.add_argument("--expand", type=int, default=2, help="Mamba: inner channels = expand x width")
     m.add_argument("--freeze-embeddings", action="store_true",
                    help="keep the (tied) token embeddings at their init (App. E.1 control)")
     o = p.add_argument_group("optimization")
@@ -76,13 +81,14 @@ def get_args(argv=None):
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:i]")
     r.add_argument("--out", default="runs/pathstar", help="output folder")
     r.add_argument("--quick", action="store_true", help="CPU-sized preset: " + ", ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()) + " (explicit flags still win)")
+        f"--{k.replace('_', '-')} {v}" for k, v in quick.items()) + " (explicit flags still win)")
     r.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     r.add_argument("--bench", action="store_true",
                    help="time training steps of this configuration, write --out/bench.json, no training")
     r.add_argument("--sweep", choices=list(SWEEPS), help="run every arm of a control into --out/<arm>/ "
                    "plus summary.csv and summary.png: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in SWEEPS.items()))
-    args = parse_with_presets(p, {"quick": QUICK}, argv)
+    p.set_defaults(**(defaults or {}))
+    args = parse_with_presets(p, {"quick": quick}, argv)
     checks = [(args.n >= 2, "--n must be >= 2 (arms; some leaves are held out)"),
               (args.l >= 2, "--l must be >= 2 (nodes per root-to-leaf path, root included)"),
               (0 < args.train_frac < 1, "--train-frac must be in (0, 1)"),
@@ -90,8 +96,9 @@ def get_args(argv=None):
               (args.epochs >= 1, "--epochs must be >= 1"),
               (args.edge_epochs >= 1, "--edge-epochs must be >= 1"),
               (args.eval_every >= 1, "--eval-every must be >= 1"),
-              (min(args.n_layer, args.n_embd, args.n_head) >= 1, "model sizes must be >= 1"),
-              (args.n_embd % args.n_head == 0, "--n-embd must be divisible by --n-head"),
+              (min(args.n_layer, args.n_embd, args.n_head, args.d_state, args.d_conv, args.expand) >= 1,
+               "model sizes must be >= 1"),
+              (args.model != "gpt" or args.n_embd % args.n_head == 0, "--n-embd must be divisible by --n-head"),
               (min(args.batch_size, args.edge_batch_size) >= 1, "batch sizes must be >= 1"),
               (min(args.warmup, args.edge_warmup) >= 0, "warm-up steps must be >= 0"),
               (min(args.lr, args.edge_lr) > 0, "learning rates must be > 0"),
@@ -157,7 +164,7 @@ def phases_for(data, args, device):
 
 
 def scale(args):
-    return f"G({args.n},{args.l}), GPT {args.n_layer}L x {args.n_embd}"
+    return f"G({args.n},{args.l}), {'GPT' if args.model == 'gpt' else 'Mamba'} {args.n_layer}L x {args.n_embd}"
 
 
 def describe(args):
@@ -207,15 +214,22 @@ def write_outputs(out, args, data, model, history, wall, device):
                         f"Cosine similarity of node embeddings, {len(shown)} held-out arms\n{label}")
 
 
+def make_model(args, vocab_size):
+    if args.model == "mamba":
+        return Mamba(MambaConfig(vocab_size=vocab_size, n_layer=args.n_layer, n_embd=args.n_embd,
+                                 d_state=args.d_state, d_conv=args.d_conv, expand=args.expand,
+                                 freeze_embeddings=args.freeze_embeddings))
+    return GPT(GPTConfig(vocab_size=vocab_size, block_size=args.pauses + args.l + 2, n_layer=args.n_layer,
+                         n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
+                         freeze_embeddings=args.freeze_embeddings))
+
+
 def run(args, device):
     """One training run (or benchmark) of the configuration in `args`; returns its metrics."""
     seed_everything(args.seed)
     data = build(args)
     vocab = data["vocab"]
-    cfg = GPTConfig(vocab_size=vocab.size, block_size=args.pauses + args.l + 2, n_layer=args.n_layer,
-                    n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
-                    freeze_embeddings=args.freeze_embeddings)
-    model = GPT(cfg).to(device)
+    model = make_model(args, vocab.size).to(device)
     phases = phases_for(data, args, device)
     if args.bench:
         res = benchmark(model, phases[0].groups, phases[0].batch_size, device, args.weight_decay)
@@ -293,8 +307,8 @@ def run_sweep(args, device):
     return rows
 
 
-def main(argv=None):
-    args = get_args(argv)
+def main(argv=None, **parser_kw):
+    args = get_args(argv, **parser_kw)
     device = pick_device(args.device)
     prepare_out(args.out)
     return run_sweep(args, device) if args.sweep else run(args, device)

@@ -1,0 +1,60 @@
+"""In-weights path-star on Mamba (App. C.1, Figs. 3 right, 14 and 15): exp_pathstar.py with a
+pure-PyTorch Mamba (common.Mamba) in place of the GPT; every flag of exp_pathstar.py works here.
+
+  python exp_mamba.py --quick --first-token-only     # CPU demo
+  python exp_mamba.py --quick --no-paths             # edges only: geometry without paths (Fig. 15b)
+  python exp_mamba.py --n 5000 --first-token-only    # the paper's scale, one GPU
+  python exp_mamba.py --bench                        # step timing, MFU, fast vs sequential scan
+"""
+import os
+import time
+
+import torch
+
+import exp_pathstar
+from common import pick_device, prepare_out, selective_scan, selective_scan_ref, sync, write_json
+
+# CPU-sized preset: the GPT's quick graph and schedule with a 2-layer width-64 Mamba
+QUICK = dict(exp_pathstar.QUICK)
+
+
+def scan_benchmark(device, b=256, d=128, L=64, n=16, reps=3):
+    """Forward + backward of the fast and the sequential scan on the same random inputs; the
+    best of `reps` timed runs after one warm-up each."""
+    g = torch.Generator().manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=g).to(device)
+    inputs = [make(b, d, L), torch.nn.functional.softplus(make(b, d, L)) * 0.1, -torch.rand(d, n, generator=g).to(device),
+              make(b, n, L), make(b, n, L), make(d)]
+    res = {"batch": b, "channels": d, "length": L, "d_state": n}
+    for name, scan in (("fast", selective_scan), ("sequential", selective_scan_ref)):
+        xs = [x.clone().requires_grad_() for x in inputs]
+        best = float("inf")
+        for i in range(reps + 1):
+            sync(device)
+            t = time.perf_counter()
+            scan(*xs).square().sum().backward()
+            sync(device)
+            best = min(best, time.perf_counter() - t) if i else best
+        res[f"{name}_s"] = best
+    res["speedup"] = res["sequential_s"] / res["fast_s"]
+    return res
+
+
+def main(argv=None):
+    args = exp_pathstar.get_args(argv, doc=__doc__, defaults=dict(model="mamba"), quick=QUICK)
+    device = pick_device(args.device)
+    prepare_out(args.out)
+    if args.sweep:
+        return exp_pathstar.run_sweep(args, device)
+    res = exp_pathstar.run(args, device)
+    if args.bench:
+        res["scan"] = scan_benchmark(device)
+        write_json(os.path.join(args.out, "bench.json"), res)
+        s = res["scan"]
+        print(f"selective scan (b={s['batch']}, d={s['channels']}, L={s['length']}, n={s['d_state']}, fwd+bwd): "
+              f"fast {s['fast_s'] * 1e3:.0f} ms, sequential {s['sequential_s'] * 1e3:.0f} ms, {s['speedup']:.1f}x")
+    return res
+
+
+if __name__ == "__main__":
+    main()
