@@ -512,6 +512,8 @@ class Phase:
     batch_size: int
     lr: float
     warmup_steps: int
+    final_lr_frac: float = 0.1  # cosine decays to lr * this; 1.0 = constant lr after warm-up
+    grad_clip: float = 1.0  # 0 = no clipping
 
 
 def lr_at(step, total, warmup, peak, final_frac=0.1):
@@ -616,8 +618,9 @@ def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0,
             model.train()
             for s, batch in enumerate(sampler.epoch()):
                 for group in opt.param_groups:
-                    group["lr"] = lr_at(ep * sampler.steps_per_epoch + s, total, phase.warmup_steps, phase.lr)
-                stats += train_step(model, opt, batch, device)
+                    group["lr"] = lr_at(ep * sampler.steps_per_epoch + s, total, phase.warmup_steps,
+                                        phase.lr, phase.final_lr_frac)
+                stats += train_step(model, opt, batch, device, phase.grad_clip)
             bar.update(sampler.steps_per_epoch)
             epoch += 1
             last = ep == phase.epochs - 1
