@@ -308,55 +308,52 @@ def selective_scan_ref(u, delta, A, B, C, D):
 
 
 class SelectiveScan(torch.autograd.Function):
-    """The same recurrence, fast. Autograd through the reference records ~10 fresh (b, d, n)
-    tensors per step; here each step is a few in-place ops on reused buffers, the C readout and
-    its gradient are single batched matmuls over all steps, and the backward pass runs the
-    adjoint recurrence g_t = C_t gy_t + exp(delta_{t+1} A) g_{t+1} right to left. Only the
-    states h_t are kept for backward. Time-major (L, b, ...) keeps each step's slice contiguous.
-    (A log-depth parallel scan does O(L log L) work: it pays on a GPU, not on a CPU.)"""
+    """The same recurrence, fast. Autograd through the reference allocates ~20 fresh (b, d, n)
+    tensors per step; here each step is a few in-place ops on preallocated buffers while its
+    slice is still in cache, and the backward pass runs the adjoint recurrence
+    g_t = C_t gy_t + exp(delta_{t+1} A) g_{t+1} right to left instead of unrolling autograd.
+    Time-major (L, b, ...) keeps each step's slice contiguous. (A log-depth parallel scan does
+    O(L log L) work: it pays on a GPU, not on a CPU.)"""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D):
         ut, dt, Bt, Ct = (x.permute(2, 0, 1).contiguous() for x in (u, delta, B, C))  # (L, b, .)
         du = dt * ut
-        hs = u.new_empty(*du.shape, A.shape[1])  # h_t for every step: (L, b, d, n)
-        dA = u.new_empty(hs.shape[1:])
+        hs = u.new_empty(*du.shape, A.shape[1])  # h_t: (L, b, d, n)
+        dA = torch.empty_like(hs)  # exp(delta_t A), kept for backward
         for t in range(len(hs)):
             torch.mul(du[t, :, :, None], Bt[t, :, None, :], out=hs[t])  # delta_t B_t u_t
+            torch.mul(dt[t, :, :, None], A, out=dA[t]).exp_()
             if t:
-                torch.mul(dt[t, :, :, None], A, out=dA).exp_()  # exp(delta_t A)
-                hs[t].addcmul_(dA, hs[t - 1])
+                hs[t].addcmul_(dA[t], hs[t - 1])
         y = (hs @ Ct[..., None])[..., 0].permute(1, 2, 0) + D[:, None] * u  # C_t . h_t + D u_t
-        ctx.save_for_backward(ut, dt, A, Bt, Ct, D, hs)
+        ctx.save_for_backward(ut, dt, A, Bt, Ct, D, dA, hs)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        ut, dt, A, Bt, Ct, D, hs = ctx.saved_tensors
+        ut, dt, A, Bt, Ct, D, dA, hs = ctx.saved_tensors
         gyt = gy.permute(2, 0, 1).contiguous()  # (L, b, d)
         du = dt * ut
         gC = (gyt[:, :, None, :] @ hs)[:, :, 0]  # (L, b, n)
         gh_B, g_delta, gB = torch.empty_like(gyt), torch.zeros_like(gyt), torch.empty_like(gC)
-        gA = torch.zeros_like(A)
-        gh, dA, dA_next = (hs.new_empty(hs.shape[1:]) for _ in range(3))
+        gA_acc = torch.zeros_like(hs[0])  # sum over t of dLoss/dA, per batch row
+        gh, q = torch.empty_like(hs[0]), torch.empty_like(hs[0])
         for t in range(len(hs) - 1, -1, -1):
             if t == len(hs) - 1:
                 torch.mul(gyt[t, :, :, None], Ct[t, :, None, :], out=gh)
             else:  # g_t = C_t gy_t + exp(delta_{t+1} A) g_{t+1}
-                gh.mul_(dA_next).addcmul_(gyt[t, :, :, None], Ct[t, :, None, :])
+                gh.mul_(dA[t + 1]).addcmul_(gyt[t, :, :, None], Ct[t, :, None, :])
             torch.matmul(gh, Bt[t, :, :, None], out=gh_B[t, :, :, None])  # sum_n g_t B_t
             torch.matmul(du[t, :, None, :], gh, out=gB[t, :, None, :])  # sum_d g_t delta_t u_t
-            if t:  # d/d(delta_t A) of exp(delta_t A) h_{t-1}
-                torch.mul(dt[t, :, :, None], A, out=dA).exp_()
-                q = gh * dA * hs[t - 1]
-                g_delta[t] = (q * A).sum(-1)
-                gA += (q * dt[t, :, :, None]).sum(0)
-                dA, dA_next = dA_next, dA
+            if t:  # q = dLoss/d(delta_t A) = g_t exp(delta_t A) h_{t-1}; h_{-1} = 0
+                torch.mul(gh, dA[t], out=q).mul_(hs[t - 1])
+                gA_acc.addcmul_(q, dt[t, :, :, None])
+                torch.sum(q.mul_(A), -1, out=g_delta[t])
         g_delta += gh_B * ut
         g_u = gh_B * dt + gyt * D
-        gD = (gyt * ut).sum((0, 1))
         back = lambda x: x.permute(1, 2, 0)  # (L, b, .) -> (b, ., L)
-        return back(g_u), back(g_delta), gA, back(gB), back(gC), gD
+        return back(g_u), back(g_delta), gA_acc.sum(0), back(gB), back(gC), (gyt * ut).sum((0, 1))
 
 
 def selective_scan(u, delta, A, B, C, D):
