@@ -113,6 +113,29 @@ def split_arms(arms, train_frac=0.75, seed=0):
     return [arms[i] for i in sorted(order[:n_train])], [arms[i] for i in sorted(order[n_train:])]
 
 
+def tree_star(d, b, l, seed=0):
+    """Tree-star T(d, b, l) (App. C.2): a root with d children, every non-leaf below the root
+    has b children, all leaves at depth l-1; 1 + d(b^(l-1) - 1)/(b - 1) nodes for b > 1
+    (b = 1 is a path-star). Ids are a random permutation. Returns (graph, root, paths, edges):
+    every root-to-leaf path (root first, grouped by first node) and the (E, 2) parent->child
+    edges."""
+    if d < 1 or b < 1 or l < 2:
+        raise ValueError(f"tree-star needs d, b >= 1 and l >= 2, got d={d}, b={b}, l={l}")
+    sizes = [1] + [d * b ** (k - 1) for k in range(1, l)]  # nodes per depth
+    perm = np.random.default_rng(seed).permutation(sum(sizes))
+    levels = np.split(perm, np.cumsum(sizes)[:-1])
+    root = int(levels[0][0])
+    # node j at depth k >= 2 hangs under node j // b at depth k-1; depth-1 nodes under the root
+    parents = [np.full(d, root)] + [levels[k - 1][np.arange(sizes[k]) // b] for k in range(2, l)]
+    edges = np.stack([np.concatenate(parents), np.concatenate(levels[1:])], 1).astype(np.int64)
+    leaf = np.arange(sizes[-1])
+    paths = np.stack([np.full(sizes[-1], root)] + [levels[k][leaf // b ** (l - 1 - k)] for k in range(1, l)], 1)
+    graph = nx.Graph()
+    graph.add_nodes_from(range(len(perm)))
+    graph.add_edges_from(edges.tolist())
+    return graph, root, paths.tolist(), edges
+
+
 # ----------------------------------------------------------------------------- tokens and datasets
 
 SPECIALS = ("EDGE", "PATH", "PAUSE", "PAD", "BLANK")  # BLANK: teacherless answer input (App. A)
@@ -126,12 +149,16 @@ class Vocab:
         self.size = num_nodes + len(SPECIALS)
 
 
-def arm_edges(arms, direction):
-    """(E, 2) array of [u, v] edge examples along the arms: forward = parent->child,
-    backward = child->parent, both = forward then backward."""
-    fwd = np.array([(a[i], a[i + 1]) for a in arms for i in range(len(a) - 1)], dtype=np.int64)
-    out = {"forward": [fwd], "backward": [fwd[:, ::-1]], "both": [fwd, fwd[:, ::-1]]}[direction]
+def orient(edges, direction):
+    """Edge examples from (E, 2) parent->child pairs: forward = parent->child, backward =
+    child->parent, both = forward then backward."""
+    out = {"forward": [edges], "backward": [edges[:, ::-1]], "both": [edges, edges[:, ::-1]]}[direction]
     return np.ascontiguousarray(np.concatenate(out))
+
+
+def arm_edges(arms, direction):
+    """(E, 2) array of [u, v] edge examples along the arms of a path-star."""
+    return orient(np.array([(a[i], a[i + 1]) for a in arms for i in range(len(a) - 1)], dtype=np.int64), direction)
 
 
 def edge_group(edges, vocab):
@@ -721,14 +748,15 @@ def cosine_matrix(a, b=None):
 
 
 def navigation_score(emb, arms, all_arms):
-    """§2.4 geometry score: for the leaf of each arm in `arms`, rank the root's children (the
-    first nodes of `all_arms`) by cosine similarity to the leaf's embedding. Returns the top-1
-    rate (the leaf points at its own first node; chance 1/d) and the mean rank (1 = best;
-    chance (d+1)/2)."""
+    """§2.4 geometry score: for the leaf of each root-to-leaf path in `arms`, rank the root's
+    children (the distinct first nodes of `all_arms`) by cosine similarity to the leaf's
+    embedding. Returns the top-1 rate (the leaf points at its own first node; chance 1/d) and
+    the mean rank (1 = best; chance (d+1)/2)."""
     emb = torch.as_tensor(emb, dtype=torch.float32)
-    column = {a[1]: i for i, a in enumerate(all_arms)}
+    children = sorted({a[1] for a in all_arms})
+    column = {c: i for i, c in enumerate(children)}
     own = torch.tensor([column[arm[1]] for arm in arms])
-    sim = cosine_matrix(emb[[a[-1] for a in arms]], emb[[a[1] for a in all_arms]])
+    sim = cosine_matrix(emb[[a[-1] for a in arms]], emb[children])
     rank = 1 + (sim > sim.gather(1, own[:, None])).sum(1).float()
     return (rank == 1).float().mean().item(), rank.mean().item()
 
@@ -819,7 +847,7 @@ def plot_cosine_heatmap(path, emb, blocks, labels, title):
     plt.close(fig)
 
 
-def plot_panels(path, panels, title):
+def plot_panels(path, panels, title, xlabel="epoch"):
     """Side-by-side line plots. panels: [(subtitle, ylabel, [(xs, ys, label)], chance or None)];
     an 'accuracy' panel is drawn on [0, 1]."""
     import matplotlib
@@ -833,7 +861,7 @@ def plot_panels(path, panels, title):
             ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance = {chance:.3g}")
         if "accuracy" in ylabel:
             ax.set_ylim(-0.02, 1.02)
-        ax.set(title=subtitle, xlabel="epoch", ylabel=ylabel)
+        ax.set(title=subtitle, xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)

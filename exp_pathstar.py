@@ -37,9 +37,12 @@ SWEEPS = {
 }
 
 
-def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK):
-    """Flags of the path-star experiment; exp_mamba.py reuses them with Mamba defaults."""
+def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None, sweeps=True):
+    """Flags of the path-star experiment; exp_mamba.py and exp_treestar.py reuse them with their
+    own defaults and preset (`add_flags(parser)` adds a script's own flags)."""
     p = ArgParser(description=doc.split("\n\n")[0])
+    if add_flags:
+        add_flags(p)
     g = p.add_argument_group("graph and task")
     g.add_argument("--n", type=int, default=5000, help="arms d of the path-star graph G(d, l)")
     g.add_argument("--l", type=int, default=5, help="nodes on a root-to-leaf path, root included")
@@ -85,8 +88,9 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK):
     r.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     r.add_argument("--bench", action="store_true",
                    help="time training steps of this configuration, write --out/bench.json, no training")
-    r.add_argument("--sweep", choices=list(SWEEPS), help="run every arm of a control into --out/<arm>/ "
-                   "plus summary.csv and summary.png: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in SWEEPS.items()))
+    r.add_argument("--sweep", choices=list(SWEEPS) if sweeps else [], help="run every arm of a control into "
+                   "--out/<arm>/ plus summary.csv and summary.png: " + "; ".join(
+                       f"{k}: {', '.join(v)}" for k, v in SWEEPS.items()) if sweeps else argparse.SUPPRESS)
     p.set_defaults(**(defaults or {}))
     args = parse_with_presets(p, {"quick": quick}, argv)
     checks = [(args.n >= 2, "--n must be >= 2 (arms; some leaves are held out)"),
@@ -115,14 +119,19 @@ def build(args):
     """Graph, split, datasets and the evaluation data of one run."""
     graph, root, arms = path_star(args.n, args.l, seed=args.seed)
     train_arms, test_arms = split_arms(arms, args.train_frac, seed=args.seed)
+    return task_data(graph, root, arms, train_arms, test_arms, arm_edges(arms, args.edges), args)
+
+
+def task_data(graph, root, paths, train_paths, test_paths, edges, args, **extra):
+    """Datasets of the in-weights task on any tree with all leaves at one depth (exp_treestar.py
+    uses it too): `paths` are all root-to-leaf node lists, `edges` the [u, v] examples."""
     vocab = Vocab(graph.number_of_nodes())
-    edges = arm_edges(arms, args.edges)
-    targets = path_targets(train_arms, args.reverse_path)
-    paths = path_group(path_prompts([a[-1] for a in train_arms], vocab, args.pauses), targets,
+    targets = path_targets(train_paths, args.reverse_path)
+    group = path_group(path_prompts([a[-1] for a in train_paths], vocab, args.pauses), targets,
                        args.first_token_only)
-    return dict(graph=graph, root=root, arms=arms, train_arms=train_arms, test_arms=test_arms,
-                vocab=vocab, edges=edges, edge_group=edge_group(edges, vocab), path_group=paths,
-                train_targets=targets)
+    return dict(graph=graph, root=root, arms=paths, train_arms=train_paths, test_arms=test_paths,
+                vocab=vocab, edges=edges, edge_group=edge_group(edges, vocab), path_group=group,
+                train_targets=targets, **extra)
 
 
 def make_evaluate(data, args, device):
@@ -148,6 +157,8 @@ def make_evaluate(data, args, device):
         emb = model.wte.weight[: data["vocab"].num_nodes].float().cpu()
         res["navigation_acc"], res["navigation_mean_rank"] = navigation_score(emb, data["test_arms"], data["arms"])
         res["chance_navigation_mean_rank"] = (args.n + 1) / 2
+        if "chance_by_depth" in data:
+            res["chance_token_acc"] = data["chance_by_depth"]
         return res
     return evaluate
 
@@ -164,7 +175,8 @@ def phases_for(data, args, device):
 
 
 def scale(args):
-    return f"G({args.n},{args.l}), {'GPT' if args.model == 'gpt' else 'Mamba'} {args.n_layer}L x {args.n_embd}"
+    graph = f"T({args.n},{args.b},{args.l})" if getattr(args, "b", None) else f"G({args.n},{args.l})"
+    return f"{graph}, {'GPT' if args.model == 'gpt' else 'Mamba'} {args.n_layer}L x {args.n_embd}"
 
 
 def describe(args):
@@ -186,7 +198,8 @@ def write_outputs(out, args, data, model, history, wall, device):
         "num_nodes": data["vocab"].num_nodes, "root": data["root"], "arms": data["arms"],
         "train_leaves": [a[-1] for a in data["train_arms"]],
         "test_leaves": [a[-1] for a in data["test_arms"]],
-        "edge_examples": data["edges"].tolist(), "train_paths": data["train_targets"].tolist()})
+        "edge_examples": data["edges"].tolist(), "train_paths": data["train_targets"].tolist(),
+        **data.get("graph_extra", {})})
     emb = token_embeddings(model, data["vocab"].num_nodes)
     np.save(os.path.join(out, "embeddings.npy"), emb)
     label, chance = describe(args), 1.0 / args.n
@@ -195,7 +208,7 @@ def write_outputs(out, args, data, model, history, wall, device):
               ("edge_acc", "edges memorized")]
     if args.first_token_only or args.no_paths:  # hops without a loss: their curves say nothing
         series = [s for s in series if "path" not in s[0]]
-    plot_curves(os.path.join(out, "accuracy.png"), history, series, f"Path-star: {label}", chance=chance)
+    plot_curves(os.path.join(out, "accuracy.png"), history, series, f"In-weights paths: {label}", chance=chance)
     names = ["start"] + [f"hop {i}" for i in range(1, args.l)]
     x = [h["epoch"] for h in history]
     plot_panels(os.path.join(out, "token_accuracy.png"), [(
@@ -224,10 +237,11 @@ def make_model(args, vocab_size):
                          freeze_embeddings=args.freeze_embeddings))
 
 
-def run(args, device):
-    """One training run (or benchmark) of the configuration in `args`; returns its metrics."""
+def run(args, device, data=None):
+    """One training run (or benchmark) of the configuration in `args` (on `data` if given,
+    else its path-star graph); returns its metrics."""
     seed_everything(args.seed)
-    data = build(args)
+    data = data or build(args)
     vocab = data["vocab"]
     model = make_model(args, vocab.size).to(device)
     phases = phases_for(data, args, device)

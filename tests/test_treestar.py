@@ -1,0 +1,59 @@
+import json
+
+import networkx as nx
+import pytest
+
+import exp_treestar
+from common import tree_star
+
+
+@pytest.mark.parametrize("d,b,l", [(3, 2, 4), (5, 3, 3), (4, 1, 5), (2, 2, 2)])
+def test_tree_star_shape(d, b, l):
+    g, root, paths, edges = tree_star(d, b, l, seed=2)
+    n = 1 + d * ((b ** (l - 1) - 1) // (b - 1) if b > 1 else l - 1)
+    assert g.number_of_nodes() == n and nx.is_tree(g) and g.degree(root) == d
+    depth = nx.single_source_shortest_path_length(g, root)
+    leaves = [v for v in g if g.degree(v) == 1 and v != root]
+    assert all(depth[v] == l - 1 for v in leaves) and len(paths) == len(leaves) == d * b ** (l - 2)
+    for v in g:  # b children below every non-leaf node of depth >= 1
+        children = [w for w in g[v] if depth[w] == depth[v] + 1]
+        assert len(children) == (d if v == root else 0 if depth[v] == l - 1 else b)
+    assert sorted(p[-1] for p in paths) == sorted(leaves)
+    assert all(p[0] == root and all(g.has_edge(u, w) for u, w in zip(p, p[1:])) for p in paths)
+    assert sorted(map(tuple, edges.tolist())) == sorted((u, w) if depth[u] < depth[w] else (w, u) for u, w in g.edges)
+
+
+def test_splits_disjoint_and_first_token_has_no_shared_prefix():
+    _, _, paths, _ = tree_star(8, 2, 5, seed=0)
+    for split in ("first_token", "leaf"):
+        train, test = exp_treestar.split_paths(paths, split, 0.75, seed=1)
+        assert sorted(train + test) == sorted(paths)
+        assert not {p[-1] for p in train} & {p[-1] for p in test}
+    train, test = exp_treestar.split_paths(paths, "first_token", 0.75, seed=1)
+    train_prefix_nodes = {v for p in train for v in p[1:]}
+    assert all(not set(p[1:]) & train_prefix_nodes for p in test)  # no node below the root shared
+    assert len({p[1] for p in train}) == 6 and len({p[1] for p in test}) == 2
+    train, test = exp_treestar.split_paths(paths, "leaf", 0.75, seed=1)
+    assert {p[1] for p in test} & {p[1] for p in train}  # split at the leaf: prefixes overlap
+
+
+def test_treestar_smoke(tmp_path):
+    out = tmp_path / "tree"
+    exp_treestar.main(["--quick", "--n", "6", "--epochs", "2", "--eval-every", "1", "--out", str(out)])
+    top = json.load(open(out / "metrics.json"))
+    assert set(top["final"]) == {"first_token", "leaf"}
+    for split in ("first_token", "leaf"):
+        m = json.load(open(out / split / "metrics.json"))
+        assert m["final"]["chance_token_acc"] == [1.0, 1 / 6, 0.5, 0.5]
+        assert len(m["final"]["test_token_acc"]) == 4
+        g = json.load(open(out / split / "graph.json"))
+        assert g["split"] == split and len(g["all_paths"]) == 6 * 4
+        assert set(g["train_leaves"]) | set(g["test_leaves"]) == {p[-1] for p in g["all_paths"]}
+    for fig in ("splits.png", "depth_accuracy.png", "tree.png"):
+        assert (out / fig).stat().st_size > 1000
+
+
+def test_treestar_bad_branching(capsys):
+    with pytest.raises(SystemExit):
+        exp_treestar.main(["--quick", "--b", "0", "--out", "/tmp/unused_tree"])
+    assert "--b must be" in capsys.readouterr().err
