@@ -853,10 +853,12 @@ def plot_panels(path, panels, title, xlabel="epoch"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 1.2, 4.0), squeeze=False)
     for ax, (subtitle, ylabel, lines, chance) in zip(axes[0], panels):
         for xs, ys, label in lines:
-            ax.plot(xs, ys, label=label, lw=1.6)
+            ax.plot(xs, ys, label=label, lw=1.6, marker="o" if len(xs) <= 12 else None, ms=4)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         if chance is not None:
             ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance = {chance:.3g}")
         if "accuracy" in ylabel:
@@ -874,3 +876,188 @@ def plot_curves(path, history, series, title, ylabel="accuracy", chance=None):
     """One panel: a line per (key, label) of `series` over the history's epochs."""
     x = [h["epoch"] for h in history]
     plot_panels(path, [(None, ylabel, [(x, [h[k] for h in history], label) for k, label in series], chance)], title)
+
+
+# ----------------------------------------------------------------------------- tiny graphs
+# App. B.2.2 / C.3: the four tiny graphs, nodes 0..N-1 (graph.graph keeps what a plot needs).
+
+# the fixed irregular graph: a 12-cycle 0..11 with chords (1,3) and (5,8), and a K4 on 12..15
+IRREGULAR_EDGES = [(12, 15), (5, 8), (5, 6), (8, 9), (7, 8), (1, 3), (13, 14), (13, 15), (12, 14), (12, 13),
+                   (1, 2), (4, 5), (3, 4), (10, 11), (0, 1), (2, 3), (6, 7), (11, 0), (9, 10), (14, 15)]
+TINY_GRAPHS = ("path_star", "grid", "cycle", "irregular")
+
+
+def grid_graph(rows, cols):
+    """rows x cols lattice, node r * cols + c."""
+    graph = nx.Graph(shape=(rows, cols))
+    graph.add_nodes_from(range(rows * cols))
+    graph.add_edges_from((r * cols + c, r * cols + c + 1) for r in range(rows) for c in range(cols - 1))
+    graph.add_edges_from((r * cols + c, (r + 1) * cols + c) for r in range(rows - 1) for c in range(cols))
+    return graph
+
+
+def irregular_graph():
+    graph = nx.Graph()
+    graph.add_nodes_from(range(16))
+    graph.add_edges_from(IRREGULAR_EDGES)
+    return graph
+
+
+def with_self_edges(graph):
+    """A copy with a loop u -> u at every node (App. C.3.1, Fig. 25: self-edges damp zigzags)."""
+    graph = graph.copy()
+    graph.add_edges_from((v, v) for v in list(graph))
+    return graph
+
+
+def tiny_graph(name, self_edges=False, seed=0):
+    """path_star: G(4, 5), 17 nodes with the seeded random ids of `path_star` (root and arms in
+    graph.graph); grid: 4x4; cycle: 15 nodes; irregular: 16 nodes, 20 edges, two components."""
+    if name == "path_star":
+        graph, root, arms = path_star(4, 5, seed)
+        graph.graph.update(root=root, arms=arms)
+    elif name == "grid":
+        graph = grid_graph(4, 4)
+    elif name == "cycle":
+        graph = nx.cycle_graph(15)
+    elif name == "irregular":
+        graph = irregular_graph()
+    else:
+        raise ValueError(f"unknown tiny graph {name!r}; choose from {', '.join(TINY_GRAPHS)}")
+    return with_self_edges(graph) if self_edges else graph
+
+
+# ----------------------------------------------------------------------------- graph spectra
+# Conventions of App. F / B.5: A with a self loop counted once (one u -> u example), D = diag(A 1),
+# the spectral basis is the eigenvectors of D^-1 A + A D^-1 - 2I sorted from the top.
+
+DENSE_EIG_MAX = 2000  # above this many nodes, eigenpairs come from Lanczos (eigsh), top k only
+
+
+def adjacency(graph, sparse=False):
+    nodes = range(graph.number_of_nodes())
+    if sparse:
+        return nx.to_scipy_sparse_array(graph, nodelist=nodes, weight=None, format="csr").astype(np.float64)
+    return nx.to_numpy_array(graph, nodelist=nodes, weight=None)
+
+
+def walk_matrix(A):
+    """D^-1 A + A D^-1, symmetric: the neighbour targets (rows of D^-1 A) plus their transpose."""
+    d = np.asarray(A.sum(1)).ravel()
+    if not isinstance(A, np.ndarray):  # scipy sparse
+        import scipy.sparse
+        inv = scipy.sparse.diags(1.0 / d)
+        return (inv @ A + A @ inv).tocsr()
+    return A / d[:, None] + A / d[None, :]
+
+
+def neg_laplacian(A):
+    """D^-1 A + A D^-1 - 2I: minus the symmetrised random-walk Laplacian (App. F), so the top
+    eigenvectors (eigenvalue near 0) are the smooth, Fiedler-like ones."""
+    W = walk_matrix(A)
+    if isinstance(W, np.ndarray):
+        return W - 2 * np.eye(len(W))
+    import scipy.sparse
+    return (W - 2 * scipy.sparse.identity(W.shape[0])).tocsr()
+
+
+def laplacian_eigs(graph, k=None, dense_max=DENSE_EIG_MAX):
+    """Eigenpairs of `neg_laplacian`, largest eigenvalue first: (eigenvalues (k,), vectors (N, k)).
+    Dense eigh up to dense_max nodes (all N unless k is given), else the top k (default 200) by
+    scipy.sparse.linalg.eigsh."""
+    N = graph.number_of_nodes()
+    if N <= dense_max:
+        w, V = np.linalg.eigh(neg_laplacian(adjacency(graph)))
+        w, V = w[::-1][:k], V[:, ::-1][:, :k]
+    else:
+        from scipy.sparse.linalg import eigsh
+        w, V = eigsh(neg_laplacian(adjacency(graph, sparse=True)), k=min(k or 200, N - 1), which="LA")
+        order = np.argsort(-w)
+        w, V = w[order], V[:, order]
+    return np.ascontiguousarray(w), np.ascontiguousarray(V)
+
+
+def principal_angles(X, Y):
+    """Principal angles (radians, ascending) between the column spaces of X and Y."""
+    from scipy.linalg import subspace_angles
+    return np.sort(subspace_angles(X, Y))
+
+
+def spectral_energy(E, V):
+    """Share of ||E||_F^2 along each orthonormal column v_i of V: |E^T v_i|^2 / ||E||_F^2 (Fig. 7)."""
+    return ((V.T @ E) ** 2).sum(1) / (E ** 2).sum()
+
+
+def coefficient_matrix(A, P):
+    """App. F, Lemma 1: C = D^-1 A + A D^-1 - P - P^T with P = row-softmax(E E^T). The degree-
+    normalised log-likelihood summed over sources has gradient C E; the mean loss -C E / N."""
+    return walk_matrix(A) - P - P.T
+
+
+# ----------------------------------------------------------------------------- Node2Vec
+
+
+@dataclass
+class Node2VecConfig:
+    num_nodes: int
+    width: int = 100  # §4: wide (no bottleneck); App. B.2.2 uses 100
+    tied: bool = True  # False: logits E F^T, which can express negative eigendirections (§4.4)
+    init_std: float = 1.0  # App. F Assumption 1: wide unit-normal rows are near-orthogonal, so P ~ I
+
+
+class Node2Vec(nn.Module):
+    """The 2-layer model of §4: embedding E, logits E E^T (tied) or E F^T (untied), full softmax."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.E = nn.Parameter(torch.randn(cfg.num_nodes, cfg.width) * cfg.init_std)
+        self.F = None if cfg.tied else nn.Parameter(torch.randn(cfg.num_nodes, cfg.width) * cfg.init_std)
+
+    def logits(self):
+        return self.E @ (self.E if self.F is None else self.F).T
+
+    def forward(self, targets):
+        """targets (N, N): row u = D^-1 A, uniform over u's neighbours. Every node is a source, its
+        loss averaged over its neighbours (App. F Eq. 1), then averaged over sources."""
+        return F.cross_entropy(self.logits(), targets)
+
+
+def neighbour_targets(A, device="cpu"):
+    A = np.asarray(A, dtype=np.float64)
+    return torch.tensor(A / A.sum(1, keepdims=True), dtype=torch.float32, device=device)
+
+
+def train_node2vec(model, targets, steps, lr, optimizer="adam", snapshot_steps=(), desc="node2vec"):
+    """Full-batch training, constant lr, no weight decay (App. B.2.2). Not `train`: the degree-
+    normalised objective is one soft-target (N, N) cross-entropy per step with nothing to sample,
+    and App. F needs the exact parameters at chosen steps. adam = torch Adam, default betas (the
+    paper's AdamW with weight decay 0); gd = plain gradient descent, the dynamics App. F analyses.
+    Returns one record per step in snapshot_steps and one for the final state (step `steps`):
+    step, loss, grad_norm, update_norm (relative size of that step's update; 0 at the end) and CPU
+    copies of the parameters."""
+    params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr)
+    snapshot_steps, records = set(snapshot_steps), []
+    bar = tqdm(range(steps + 1), desc=desc, dynamic_ncols=True, mininterval=1.0, leave=False)
+    for step in bar:
+        loss = model(targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if step % 200 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step in snapshot_steps or step == steps:
+            before = [p.detach().clone() for p in params]
+            records.append({"step": step, "loss": loss.item(),
+                            "grad_norm": torch.sqrt(sum((p.grad ** 2).sum() for p in params)).item(),
+                            "params": {n: p.detach().cpu().double().clone() for n, p in model.named_parameters()}})
+        if step == steps:
+            records[-1]["update_norm"] = 0.0
+            break
+        opt.step()
+        if records and records[-1]["step"] == step:
+            with torch.no_grad():
+                delta = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(params, before)))
+                records[-1]["update_norm"] = (delta / torch.sqrt(sum((b ** 2).sum() for b in before))).item()
+    bar.close()
+    return records

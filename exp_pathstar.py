@@ -14,8 +14,8 @@ import time
 import numpy as np
 import torch
 
-from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Phase, Vocab, arm_edges, benchmark, device_name,
-                    die, edge_group, edge_recall, greedy_decode, navigation_score, parse_with_presets,
+from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Phase, Vocab, arm_edges, autocast,
+                    benchmark, device_name, die, edge_group, edge_recall, greedy_decode, navigation_score, parse_with_presets,
                     path_group, path_prompts, path_star, path_targets, pick_device, plot_cosine_heatmap,
                     plot_curves, plot_panels, prepare_out, seed_everything, split_arms,
                     token_embeddings, train, write_json)
@@ -152,6 +152,9 @@ def make_evaluate(data, args, device):
             res[f"{split}_first_token_acc"] = correct[:, 1].mean().item()
             res[f"{split}_path_acc"] = correct.all(1).float().mean().item()
             res[f"{split}_token_acc"] = correct.mean(0).tolist()
+            # teacher-forced: each position given the true prefix, so a later hop can be right
+            # while an earlier one is wrong (the reverse-cascade test of App. A.1.1)
+            res[f"{split}_token_acc_tf"] = teacher_forced_acc(model, prompts, targets, device).tolist()
         res["edge_acc"] = edge_recall(model, data["edges"], data["vocab"], device)
         res["chance_first_token"] = 1.0 / args.n
         emb = model.wte.weight[: data["vocab"].num_nodes].float().cpu()
@@ -161,6 +164,19 @@ def make_evaluate(data, args, device):
             res["chance_token_acc"] = data["chance_by_depth"]
         return res
     return evaluate
+
+
+@torch.no_grad()
+def teacher_forced_acc(model, prompts, targets, device, chunk=1024):
+    """Per-position accuracy of the argmax given `prompt + true target prefix`."""
+    hits = torch.zeros(targets.shape[1])
+    for i in range(0, len(prompts), chunk):
+        p, t = prompts[i: i + chunk].to(device), targets[i: i + chunk].to(device)
+        with autocast(device):
+            h = model.hidden(torch.cat([p, t[:, :-1]], 1))[:, p.shape[1] - 1:]
+            pred = (h @ model.wte.weight.T).argmax(-1)
+        hits += (pred == t).float().sum(0).cpu()
+    return hits / len(prompts)
 
 
 def phases_for(data, args, device):
@@ -211,9 +227,9 @@ def write_outputs(out, args, data, model, history, wall, device):
     plot_curves(os.path.join(out, "accuracy.png"), history, series, f"In-weights paths: {label}", chance=chance)
     names = ["start"] + [f"hop {i}" for i in range(1, args.l)]
     x = [h["epoch"] for h in history]
-    plot_panels(os.path.join(out, "token_accuracy.png"), [(
-        "held-out leaves, greedy decoding", "accuracy",
-        [(x, [h["test_token_acc"][i] for h in history], names[i]) for i in range(args.l)], chance)],
+    plot_panels(os.path.join(out, "token_accuracy.png"), [
+        (f"held-out leaves, {mode}", "accuracy", [(x, [h[key][i] for h in history], names[i]) for i in range(args.l)], chance)
+        for mode, key in (("greedy decoding", "test_token_acc"), ("teacher-forced", "test_token_acc_tf"))],
         f"Per-position accuracy: {label}")
     plot_panels(os.path.join(out, "geometry.png"), [
         ("held-out leaves", "accuracy", [(x, [h["test_first_token_acc"] for h in history], "first-token accuracy"),

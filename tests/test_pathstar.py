@@ -30,7 +30,7 @@ def test_quick_smoke(tmp_path):
                 "edge_acc", "chance_first_token"):
         assert 0 <= m["final"][key] <= 1
     assert m["final"]["chance_first_token"] == pytest.approx(1 / exp_pathstar.QUICK["n"])
-    assert len(m["final"]["test_token_acc"]) == exp_pathstar.QUICK["l"]
+    assert len(m["final"]["test_token_acc"]) == len(m["final"]["test_token_acc_tf"]) == exp_pathstar.QUICK["l"]
     g = json.load(open(os.path.join(out, "graph.json")))
     n = exp_pathstar.QUICK["n"]
     assert g["num_nodes"] == 1 + n * (exp_pathstar.QUICK["l"] - 1)
