@@ -1,0 +1,121 @@
+import json
+import os
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+
+import exp_tiny_graphs as tg
+from common import Vocab, edge_group, laplacian_eigs, tiny_graph, token_embeddings
+
+# graph node / edge counts and connectivity are tested in tests/test_node2vec.py
+
+
+def test_edge_examples():
+    cycle = tiny_graph("cycle")
+    both = tg.edge_examples(cycle)
+    assert len(both) == 30 and {tuple(e) for e in both} == {(u, v) for u, v in cycle.edges} | {
+        (v, u) for u, v in cycle.edges}
+    assert len(tg.edge_examples(tiny_graph("cycle", self_edges=True))) == 45  # a self-edge counted once
+    star = tiny_graph("path_star")
+    fwd = tg.edge_examples(star, "forward")
+    assert len(fwd) == 16 and star.graph["root"] in fwd[:, 0] and star.graph["root"] not in fwd[:, 1]
+
+
+def test_spectrum_known_answer():
+    _, V = laplacian_eigs(tiny_graph("grid"))
+    E = V[:, [1, 2, 5]] @ np.diag([2.0, 1.0, 0.5])  # energy 2, 1, 0.5 on v_2, v_3, v_6
+    R = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]  # a rotation of the columns changes nothing
+    expect = np.zeros(15)
+    expect[[0, 1, 4]] = [1.0, 0.5, 0.25]
+    assert np.allclose(tg.spectrum(E, V), expect)
+    assert np.allclose(tg.spectrum(E @ R, V), expect)
+
+
+def test_geometric_margin_known_answers():
+    A = nx.to_numpy_array(nx.cycle_graph(6))
+    edges = np.argwhere(A > 0)
+    lam, U = np.linalg.eigh(A)
+    s = np.linspace(1.0, 2.0, 6)  # distinct singular values: E's right singular vectors are the axes
+    R = np.linalg.qr(np.random.default_rng(1).normal(size=(6, 6)))[0]
+    # geometric storage: E = U diag(s) R, W diagonal in E's singular basis, E W E^T = A
+    E = U @ np.diag(s) @ R
+    W = R.T @ np.diag(lam / s ** 2) @ R
+    assert np.allclose(E @ W.T @ E.T, A)
+    assert np.isclose(tg.margin(tg.geometric_logits(E, W), edges), 1.0)
+    # associative storage: one-hot embeddings, W = A. W's diagonal is 0, so the geometric model has all-zero logits
+    assert np.isclose(tg.margin(tg.geometric_logits(np.eye(6), A), edges), 0.0)
+    assert np.isclose(tg.margin(A, edges), 1.0)
+    # the margin is per row and the worst row counts; the self logit is ignored
+    L = A.copy() + 10 * np.eye(6)
+    L[2, 5] = 1.5  # row 2: a non-neighbour above its neighbours
+    assert np.isclose(tg.margin(L, edges), -0.5)
+
+
+def test_geometric_level_and_logit_recall():
+    E = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [-1.0, 0.0]])
+    assert np.isclose(tg.geometric_level(E, [(0, 1), (1, 2), (3, 3)]), np.sqrt(0.5))
+    edges = np.array([[0, 1], [1, 0], [1, 2], [2, 1]])
+    assert tg.logit_recall(E @ E.T, edges) == 1.0  # self logits excluded
+    L = E @ E.T
+    L[0, 3] = 5.0  # row 0: a non-neighbour above its only neighbour
+    assert tg.logit_recall(L, edges) == 0.75
+
+
+def test_tinynn_matches_logit_formula():
+    vocab = Vocab(5)
+    net = tg.TinyNN(tg.TinyNNConfig(vocab.size, 8))
+    edges = np.array([[0, 1], [3, 4]])
+    X, Y = edge_group(edges, vocab)
+    logits, loss = net(X, Y)
+    Ew, W = net.wte.weight, net.W.weight
+    assert torch.allclose(logits, Ew[[0, 3]] @ W.T @ Ew.T, atol=1e-6) and loss.item() > 0
+    assert net(X).shape == (2, vocab.size)
+
+
+@pytest.mark.parametrize("model", ["associative_nn", "associative_gpt"])
+def test_associative_control_keeps_embeddings_fixed(model):
+    graph = tiny_graph("cycle")
+    args = tg.get_args(["--steps-scale", "0.002"])
+    edges = tg.edge_examples(graph)
+    vocab = Vocab(15)
+    torch.manual_seed(args.seed)
+    before = token_embeddings(tg.build(model, vocab, 32), 15)  # fit seeds the same way before building
+    E, _, _ = tg.fit(model, graph, "cycle", args, "cpu", edges, width=32, steps=20)
+    assert np.array_equal(E, before)
+
+
+def test_wide_associative_nn_learns_edges_fast():
+    graph = tiny_graph("grid")
+    args = tg.get_args([])
+    edges = tg.edge_examples(graph)
+    _, _, history = tg.fit("associative_nn", graph, "grid", args, "cpu", edges, eval_every=1)
+    assert history[-1]["epoch"] == 10 and history[-1]["edge_recovery"] == 1.0
+
+
+def test_smoke(tmp_path):
+    m = tg.main(["--quick", "--graph", "cycle", "path_star", "--study", "main", "regularizers", "--out",
+                 str(tmp_path)])
+    with open(tmp_path / "metrics.json") as f:
+        saved = json.load(f)
+    assert set(saved["results"]) == {"cycle", "path_star"} and set(saved["results"]["cycle"]) == set(tg.MODELS)
+    for r in saved["results"]["cycle"].values():
+        assert 0 <= r["edge_recovery"] <= 1 and -1 <= r["geometric_level"] <= 1 and len(r["spectrum"]) == 14
+    assert saved["results"]["cycle"]["tinynn"]["geometric_margin"] is not None
+    assert saved["results"]["cycle"]["tinygpt"]["geometric_margin"] is None
+    assert np.load(tmp_path / "embeddings" / "path_star_tinygpt.npy").shape == (17, 32)
+    with open(tmp_path / "graphs" / "cycle.json") as f:
+        assert json.load(f)["num_nodes"] == 15
+    for png in ("heatmaps", "embeddings_3d", "spectrum", "fig1", "regularizers_3d"):
+        assert os.path.getsize(tmp_path / f"{png}.png") > 0
+    assert set(m["regularizers"]) == set(tg.REGULARIZERS)
+
+
+@pytest.mark.parametrize("argv,msg", [(["--graph", "torus"], "invalid choice"),
+                                      (["--steps-scale", "0"], "--steps-scale must be > 0")])
+def test_bad_flags_one_line(argv, msg, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        tg.main(argv + ["--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and msg in err and err.count("\n") == 1
