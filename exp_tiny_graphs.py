@@ -217,8 +217,11 @@ def fit(model_name, graph, graph_name, args, device, edges, eval_every=None, wid
     X, Y = edge_group(edges, vocab)
 
     def evaluate(m):
-        return {"edge_recovery": edge_recall(m, edges, vocab, device),
-                "geometric_level": geometric_level(token_embeddings(m, N), und)}
+        E = token_embeddings(m, N)
+        res = {"edge_recovery": edge_recall(m, edges, vocab, device), "geometric_level": geometric_level(E, und)}
+        if isinstance(m, TinyNN):  # margin over training: is the geometry there early and lost later?
+            res["geometric_margin"] = margin(geometric_logits(E, m.W.weight.detach().cpu().numpy()), edges)
+        return res
 
     history = [{"epoch": 0, **evaluate(net)}] if eval_every else []
     # full batch, constant lr, no warm-up or clipping (App. B.2.2)
@@ -369,9 +372,13 @@ def run_speed(graphs, args, device, out):
 def plot_speed(path, g, by_model):
     """Figs. 6, 21, 22, log-step axis: the associative control needs ~10 steps, the others thousands."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, key in zip(axes, ("edge_recovery", "geometric_level")):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
+    for ax, key in zip(axes, ("edge_recovery", "geometric_level", "geometric_margin")):
+        if key == "geometric_margin":
+            ax.axhline(0, color="gray", lw=0.8, ls="--")
         for model, hs in by_model.items():
+            if key not in hs[-1]:
+                continue
             ax.plot([h["epoch"] for h in hs], [h[key] for h in hs], marker="o" if len(hs) < 20 else None, ms=3,
                     label=model)
         ax.set_xscale("symlog", linthresh=1)

@@ -112,6 +112,17 @@ def test_smoke(tmp_path):
     assert set(m["regularizers"]) == set(tg.REGULARIZERS)
 
 
+def test_speed_study_tracks_margin_over_training(tmp_path):
+    m = tg.main(["--quick", "--graph", "cycle", "--study", "speed", "--out", str(tmp_path)])
+    hist = m["speed"]["cycle"]
+    assert set(hist) == set(tg.SPEED_MODELS)
+    assert hist["tinynn"][0]["epoch"] == 0 and len(hist["tinynn"]) > 2
+    for model in ("tinynn", "associative_nn"):  # TinyNN models: the margin at every evaluation
+        assert all(np.isfinite(h["geometric_margin"]) for h in hist[model])
+    assert all("geometric_margin" not in h for h in hist["tinygpt"])
+    assert os.path.getsize(tmp_path / "speed_cycle.png") > 0
+
+
 @pytest.mark.parametrize("argv,msg", [(["--graph", "torus"], "invalid choice"),
                                       (["--steps-scale", "0"], "--steps-scale must be > 0")])
 def test_bad_flags_one_line(argv, msg, capsys, tmp_path):
