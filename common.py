@@ -209,6 +209,7 @@ class GPTConfig:
     dropout: float = 0.0
     attention: bool = True  # False: MLP-only blocks (tiny-graph models, App. B.2.2)
     freeze_embeddings: bool = False  # App. E.1 / associative control: token embeddings fixed
+    learned_positions: bool = False  # True: a trained table, as B&N'24's in-context GPT (App. A)
 
 
 def sinusoidal_positions(T, C):
@@ -268,7 +269,10 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.register_buffer("wpe", sinusoidal_positions(cfg.block_size, cfg.n_embd), persistent=False)
+        if cfg.learned_positions:
+            self.wpe = nn.Parameter(0.02 * torch.randn(cfg.block_size, cfg.n_embd))
+        else:
+            self.register_buffer("wpe", sinusoidal_positions(cfg.block_size, cfg.n_embd), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)

@@ -101,6 +101,20 @@ def test_gpt_shapes_and_loss_positions():
     assert model.flops(5, 7, 6) > 0
 
 
+@pytest.mark.parametrize("learned", [False, True])
+def test_gpt_positions_fixed_or_learned(learned):
+    model = tiny_gpt(learned_positions=learned)
+    trained = dict(model.named_parameters())
+    assert ("wpe" in trained) == learned
+    if not learned:  # the sinusoidal table (App. B.2.1): row 0 is sin(0), cos(0) pairs
+        assert torch.allclose(model.wpe[0, 0::2], torch.zeros(8)) and torch.allclose(model.wpe[0, 1::2], torch.ones(8))
+    x = torch.randint(0, 23, (2, 6))
+    y = torch.randint(0, 23, (2, 6))
+    model(x, y)[1].backward()
+    if learned:  # rows of used positions get a gradient, the rest of the table none
+        assert trained["wpe"].grad[:6].abs().sum() > 0 and trained["wpe"].grad[6:].abs().sum() == 0
+
+
 @pytest.mark.parametrize("attention", [True, False])
 def test_gpt_is_causal(attention):
     model = tiny_gpt(attention=attention).eval()

@@ -132,6 +132,8 @@ def test_smoke_run(tmp_path):
     (["--num-values", "6"], "--num-values must be >= 1 + d(l-1) = 7"),
     (["--n-embd", "30", "--n-head", "4"], "divisible"),
     (["--modes", "sideways"], "invalid choice"),
+    (["--final-lr-frac", "1.5"], "--final-lr-frac must be in [0, 1]"),
+    (["--positions", "rotary"], "invalid choice"),
     (["--inweights-metrics", "/nonexistent/metrics.json"], "--inweights-metrics"),
 ])
 def test_bad_flags_exit_with_one_line(tmp_path, flags, msg, capsys):
