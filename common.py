@@ -42,6 +42,12 @@ class ArgParser(argparse.ArgumentParser):
         die(message)
 
 
+def preset_help(what, preset):
+    """--help text of a preset flag: the flags it sets."""
+    return f"{what}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in preset.items()) + \
+        " (explicit flags still win)"
+
+
 def parse_with_presets(parser, presets, argv=None):
     """Flags a preset (e.g. --quick) sets become defaults; flags given explicitly still win."""
     known, _ = parser.parse_known_args(argv)
@@ -827,12 +833,26 @@ def device_name(device):
 # ----------------------------------------------------------------------------- plotting
 
 
-def plot_cosine_heatmap(path, emb, blocks, labels, title):
-    """Cosine similarities of the embeddings of the nodes in `blocks` (lists of node ids, shown
-    in order, one block per arm), with block boundaries drawn."""
+def pyplot():
+    """matplotlib without a display (CI machines, GPU nodes)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, dpi, rect=(0, 0, 1, 1)):
+    """Tight layout inside `rect` (None: keep the layout, e.g. a colorbar spanning all axes), write, close."""
+    if rect is not None:
+        fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
+def plot_cosine_heatmap(path, emb, blocks, labels, title):
+    """Cosine similarities of the embeddings of the nodes in `blocks` (lists of node ids, shown
+    in order, one block per arm), with block boundaries drawn."""
+    plt = pyplot()
     nodes = [v for b in blocks for v in b]
     sim = cosine_matrix(emb[nodes]).numpy()
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
@@ -846,18 +866,14 @@ def plot_cosine_heatmap(path, emb, blocks, labels, title):
     ax.set_yticks(centers, labels, fontsize=7)
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, label="cosine similarity")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_panels(path, panels, title, xlabel="epoch"):
     """Side-by-side line plots. panels: [(subtitle, ylabel, [(xs, ys, label)], chance or None)];
     an 'accuracy' panel is drawn on [0, 1]."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 1.2, 4.0), squeeze=False)
     for ax, (subtitle, ylabel, lines, chance) in zip(axes[0], panels):
         for xs, ys, label in lines:
@@ -871,9 +887,7 @@ def plot_panels(path, panels, title, xlabel="epoch"):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def plot_curves(path, history, series, title, ylabel="accuracy", chance=None):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from common import (GPT, ArgParser, GPTConfig, Phase, Vocab, autocast, device_name, die, greedy_decode,
-                    parse_with_presets, pick_device, plot_panels, prepare_out, seed_everything,
+                    parse_with_presets, preset_help, pick_device, plot_panels, prepare_out, seed_everything,
                     token_embeddings, train, write_json)
 
 MODES = ("standard", "teacherless", "reverse")
@@ -66,8 +66,7 @@ def get_args(argv=None):
     r.add_argument("--out", default="runs/incontext", help="output folder")
     r.add_argument("--inweights-metrics", metavar="PATH",
                    help="exp_pathstar.py metrics.json to plot beside these runs (inweights.png)")
-    r.add_argument("--quick", action="store_true", help="CPU-sized preset: " + ", ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()) + " (explicit flags still win)")
+    r.add_argument("--quick", action="store_true", help=preset_help("CPU-sized preset", QUICK))
     r.add_argument("--resume", action="store_true",
                    help="keep finished modes, continue interrupted ones from --out/<mode>/checkpoint.pt")
     args = parse_with_presets(p, {"quick": QUICK}, argv)

@@ -21,10 +21,10 @@ import time
 import numpy as np
 import torch
 
-from common import (TINY_GRAPHS, ArgParser, Node2Vec, Node2VecConfig, adjacency, coefficient_matrix, device_name,
+from common import (ArgParser, Node2Vec, Node2VecConfig, TINY_GRAPHS, adjacency, coefficient_matrix, device_name,
                     die, grid_graph, laplacian_eigs, navigation_score, neighbour_targets, parse_with_presets,
-                    path_star, pick_device, prepare_out, principal_angles, seed_everything, spectral_energy,
-                    tiny_graph, train_node2vec, with_self_edges, write_json)
+                    preset_help, path_star, pick_device, prepare_out, principal_angles, pyplot, save_figure,
+                    seed_everything, spectral_energy, tiny_graph, train_node2vec, with_self_edges, write_json)
 
 LARGE_GRAPHS = ("path_star_large", "grid_large")
 GRAPHS = TINY_GRAPHS + LARGE_GRAPHS
@@ -57,8 +57,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the path-star ids and of every init")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:i]")
     p.add_argument("--out", default="runs/node2vec", help="output folder")
-    p.add_argument("--quick", action="store_true", help="smoke preset: " + ", ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()) + " (explicit flags still win)")
+    p.add_argument("--quick", action="store_true", help=preset_help("smoke preset", QUICK))
     args = parse_with_presets(p, {"quick": QUICK}, argv)
     checks = [(args.steps >= 1, "--steps must be >= 1"),
               (min([args.width] + args.widths) >= 1, "widths must be >= 1"),
@@ -327,13 +326,6 @@ def complexity_markdown(rows):
 # ----------------------------------------------------------------------------- figures
 
 
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def layout(graph):
     """Fixed 2-D drawing of a graph: path-stars radial, grids as lattices, others by Kamada-Kawai."""
     import networkx as nx
@@ -412,9 +404,7 @@ def plot_spectrum(path, results, max_index=150):
         ax.axis("off")
     fig.suptitle("Fig. 7: projection of the Node2Vec embeddings on each Laplacian eigenvector, beside the "
                  "eigenvalue profile", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def plot_embeddings(path, states):
@@ -434,9 +424,7 @@ def plot_embeddings(path, states):
         row[0].set_ylabel(f"colour: {what}", fontsize=8)
     fig.suptitle("Node2Vec embeddings (PCA of E, no Laplacian used) beside the Laplacian eigenvectors",
                  fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.985))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90, rect=(0, 0, 1, 0.985))
 
 
 def plot_dynamics(path, name, history, res):
@@ -503,9 +491,7 @@ def plot_dynamics(path, name, history, res):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"App. F dynamics of the tied Node2Vec on {name} (N = {res['num_nodes']}, top-k = {k})", fontsize=12)
-    fig.tight_layout()
-    fig.savefig(path, dpi=85)
-    plt.close(fig)
+    save_figure(fig, path, dpi=85)
 
 
 def summary_text(name, r):
@@ -546,9 +532,7 @@ def plot_dynamics_summary(path, results):
         ax.legend(fontsize=7)
     fig.suptitle("App. F on every graph: alignment with the top-k eigenvectors, ‖C v_i‖ on them, gradient, "
                  "distance to the final E", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def plot_width(path, results):
@@ -572,9 +556,7 @@ def plot_width(path, results):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("§4.3: the spectral bias does not need a bottleneck (widths far above the node count)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def plot_untied_spectrum(path, results):
@@ -600,9 +582,7 @@ def plot_untied_spectrum(path, results):
     fig.suptitle("§4.4: the trained logit matrix W along each Laplacian eigenvector. Untied models put negative\n"
                  "logits on the bottom (zigzag) eigenvectors, tied ones cannot, and self-edges shrink them",
                  fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def plot_untied_directions(path, name, graph, A, res):
@@ -619,9 +599,7 @@ def plot_untied_directions(path, name, graph, A, res):
                  vmin=-lim, vmax=lim, s=70)
     fig.suptitle(f"{name}: strongest eigenvectors of the logit matrix (colour = entry;\n"
                  "smoothness = uᵀ(D⁻¹A + AD⁻¹)u, +2 smooth, < 0 zigzag)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 # ----------------------------------------------------------------------------- main

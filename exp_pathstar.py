@@ -14,11 +14,11 @@ import time
 import numpy as np
 import torch
 
-from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Phase, Vocab, arm_edges, autocast,
-                    benchmark, device_name, die, edge_group, edge_recall, greedy_decode, navigation_score, parse_with_presets,
-                    path_group, path_prompts, path_star, path_targets, pick_device, plot_cosine_heatmap,
-                    plot_curves, plot_panels, prepare_out, seed_everything, split_arms,
-                    token_embeddings, train, write_json)
+from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Phase, Vocab, arm_edges, autocast, benchmark,
+                    device_name, die, edge_group, edge_recall, greedy_decode, navigation_score,
+                    parse_with_presets, preset_help, path_group, path_prompts, path_star, path_targets,
+                    pick_device, plot_cosine_heatmap, plot_curves, plot_panels, prepare_out, seed_everything,
+                    split_arms, token_embeddings, train, write_json)
 
 # CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (see README, "Finding a quick setting")
 QUICK = dict(n=300, l=5, n_layer=2, n_embd=64, n_head=4, pauses=4, lr=3e-3, weight_decay=0.1,
@@ -83,8 +83,7 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     r.add_argument("--seed", type=int, default=0, help="seed of graph, split, init and batches")
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:i]")
     r.add_argument("--out", default="runs/pathstar", help="output folder")
-    r.add_argument("--quick", action="store_true", help="CPU-sized preset: " + ", ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in quick.items()) + " (explicit flags still win)")
+    r.add_argument("--quick", action="store_true", help=preset_help("CPU-sized preset", quick))
     r.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     r.add_argument("--bench", action="store_true",
                    help="time training steps of this configuration, write --out/bench.json, no training")

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common import (GPT, TINY_GRAPHS, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig, Phase,
+from common import (ArgParser, GPT, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig, Phase, TINY_GRAPHS,
                     Vocab, adjacency, arm_edges, cosine_matrix, device_name, die, edge_group, edge_recall,
-                    laplacian_eigs, neighbour_targets, parse_with_presets, pick_device, prepare_out,
-                    seed_everything, tiny_graph, token_embeddings, train, train_node2vec, write_json)
+                    laplacian_eigs, neighbour_targets, parse_with_presets, pick_device, prepare_out, pyplot,
+                    save_figure, seed_everything, tiny_graph, token_embeddings, train, train_node2vec, write_json)
 
 MODELS = ("tinygpt", "tinynn", "tinyssm", "associative_gpt", "associative_nn", "node2vec")
 STUDIES = ("main", "speed", "regularizers", "forward-only")
@@ -243,13 +243,6 @@ def measures(E, geo_logits, history, edges, und, V):
 # ----------------------------------------------------------------------------- figures
 
 
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def pca3(E):
     """Deterministic 3-D picture: centre E (drops the shared direction) and take its top-3 principal
     directions, signs fixed so each direction's largest-|.| coordinate is positive."""
@@ -283,9 +276,7 @@ def plot_grid3d(path, rows, graphs, embs, title):
             if (g, model) in embs:
                 draw3d(ax, embs[g, model], graphs[g], f"{model} on {g}")
     fig.suptitle(title + "\n(colour = node id; red = path-star root; grey lines = graph edges)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def plot_heatmaps(path, models, graphs, embs, title):
@@ -302,8 +293,7 @@ def plot_heatmaps(path, models, graphs, embs, title):
             ax.set_title(f"{model} on {g}", fontsize=8)
     fig.colorbar(im, ax=axes, fraction=0.02, label="cosine similarity")
     fig.suptitle(title, fontsize=11)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90, rect=None)  # tight_layout cannot place a colorbar spanning all axes
 
 
 def plot_spectra(path, results, evals):
@@ -321,9 +311,7 @@ def plot_spectra(path, results, evals):
         ax.legend(fontsize=7)
     fig.suptitle("Embedding energy along each Laplacian eigenvector (geometric models: mass on the top ones)",
                  fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 # ----------------------------------------------------------------------------- studies
@@ -387,9 +375,7 @@ def plot_speed(path, g, by_model):
         ax.legend(fontsize=8)
     fig.suptitle("Memorization speed: wide associative control (frozen embeddings, lr 0.1) vs trainable embeddings",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def run_regularizers(args, device, out):

@@ -16,7 +16,8 @@ import time
 import numpy as np
 
 import exp_pathstar
-from common import die, orient, pick_device, plot_panels, prepare_out, split_arms, tree_star, write_json
+from common import (die, orient, pick_device, plot_panels, prepare_out, pyplot, save_figure, split_arms, tree_star,
+                    write_json)
 
 # CPU-sized preset: T(100, 2, 4) = 701 nodes, 400 leaves, with the path-star quick model
 QUICK = dict(exp_pathstar.QUICK, n=100, b=2, l=4)
@@ -51,10 +52,8 @@ def build(args, split):
 
 def plot_tree(path, seed=0):
     """Fig. 16(a): a small tree-star, leaves coloured by split at the first token."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import networkx as nx
+    plt = pyplot()
     graph, root, paths, _ = tree_star(3, 2, 4, seed=seed)
     train, _ = split_paths(paths, "first_token", 2 / 3, seed)
     train_nodes = {v for p in train for v in p[1:]}
@@ -68,9 +67,7 @@ def plot_tree(path, seed=0):
     nx.draw(graph, pos, ax=ax, node_color=colors, node_size=140, width=1.0)
     ax.set_title("Tree-star T(3, 2, 4): blue = training subtrees, red = held-out subtree\n"
                  "(split at the first token; split at the leaf mixes leaves instead)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv=None):
