@@ -196,9 +196,9 @@ def build(model, vocab, width, init_std=0.02, dropout=0.0):
 
 def fit(model_name, graph, graph_name, args, device, edges, eval_every=None, width=None, lr=None, steps=None,
         weight_decay=0.0, init_std=0.02, dropout=0.0):
-    """Train one model on the edge examples; returns (node embeddings (N, C), the logit matrix the margin is
-    read from (TinyNN: its geometric-only model, App. B.5; else None), history).
-    history: edge recovery and geometric level every `eval_every` steps (speed study)."""
+    """Train one model on the edge examples; returns (node embeddings (N, C), history).
+    history: edge recovery, geometric level and (TinyNN models) geometric margin every `eval_every` steps
+    (speed study) and always at the end of training."""
     seed_everything(args.seed)
     w, l, s = recipe(model_name, graph_name, args.steps_scale)
     width, lr, steps = width or w, lr or l, steps or s
@@ -211,7 +211,7 @@ def fit(model_name, graph, graph_name, args, device, edges, eval_every=None, wid
         history = [{"epoch": r["step"], "edge_recovery": logit_recall((r["params"]["E"] @ r["params"]["E"].T).numpy(),
                                                                      edges),
                     "geometric_level": geometric_level(r["params"]["E"].numpy(), und)} for r in recs]
-        return net.E.detach().cpu().numpy(), None, history
+        return net.E.detach().cpu().numpy(), history
     vocab = Vocab(N)
     net = build(model_name, vocab, width, init_std, dropout).to(device)
     X, Y = edge_group(edges, vocab)
@@ -228,16 +228,15 @@ def fit(model_name, graph, graph_name, args, device, edges, eval_every=None, wid
     phase = Phase("edges", [(X.to(device), Y.to(device))], steps, len(X), lr, 0, final_lr_frac=1.0, grad_clip=0)
     history += train(net, [phase], weight_decay=weight_decay, evaluate=evaluate, eval_every=eval_every or steps,
                      device=device, seed=args.seed, desc=f"{graph_name} {model_name}")
-    E = token_embeddings(net, N)
-    geo = geometric_logits(E, net.W.weight.detach().cpu().numpy()) if isinstance(net, TinyNN) else None
-    return E, geo, history
+    return token_embeddings(net, N), history
 
 
-def measures(E, geo_logits, history, edges, und, V):
-    """The four measures of one trained model (geometric margin: TinyNN models only, App. B.5)."""
-    return {"edge_recovery": history[-1]["edge_recovery"], "geometric_level": geometric_level(E, und),
-            "geometric_margin": None if geo_logits is None else margin(geo_logits, edges),
-            "spectrum": spectrum(E, V).tolist()}
+def measures(E, history, V):
+    """The four measures of one trained model: its last evaluation, made at the end of training (geometric
+    margin: TinyNN models only, App. B.5), and the spectrum."""
+    last = history[-1]
+    return {"edge_recovery": last["edge_recovery"], "geometric_level": last["geometric_level"],
+            "geometric_margin": last.get("geometric_margin"), "spectrum": spectrum(E, V).tolist()}
 
 
 # ----------------------------------------------------------------------------- figures
@@ -322,11 +321,11 @@ def run_main(graphs, models, args, device, out):
     for g, graph in graphs.items():
         ev, V = laplacian_eigs(graph)
         evals[g] = ev
-        edges, und = edge_examples(graph), undirected_edges(graph)
+        edges = edge_examples(graph)
         results[g] = {}
         for model in models:
-            E, geo, history = fit(model, graph, g, args, device, edges)
-            results[g][model] = measures(E, geo, history, edges, und, V)
+            E, history = fit(model, graph, g, args, device, edges)
+            results[g][model] = measures(E, history, V)
             embs[g, model] = E
             np.save(os.path.join(out, "embeddings", f"{g}_{model}.npy"), E.astype(np.float32))
             r = results[g][model]
@@ -352,7 +351,7 @@ def run_speed(graphs, args, device, out):
         res[g] = {}
         for model in SPEED_MODELS:
             steps = recipe(model, g, args.steps_scale)[2]
-            res[g][model] = fit(model, graph, g, args, device, edges, eval_every=max(1, steps // 100))[2]
+            res[g][model] = fit(model, graph, g, args, device, edges, eval_every=max(1, steps // 100))[1]
         plot_speed(os.path.join(out, f"speed_{g}.png"), g, res[g])
     return res
 
@@ -384,11 +383,11 @@ def run_regularizers(args, device, out):
     for name, (self_edges, std, lr, wd, drop) in REGULARIZERS.items():
         graph = tiny_graph("cycle", self_edges=self_edges)
         _, V = laplacian_eigs(tiny_graph("cycle"))  # every setting read in the plain cycle's basis
-        edges, und = edge_examples(graph), undirected_edges(graph)
-        E, geo, history = fit("tinynn", graph, "cycle", args, device, edges, width=512, lr=lr,
-                                 weight_decay=wd, init_std=std, dropout=drop)
+        edges = edge_examples(graph)
+        E, history = fit("tinynn", graph, "cycle", args, device, edges, width=512, lr=lr, weight_decay=wd,
+                         init_std=std, dropout=drop)
         res[name] = {"self_edges": self_edges, "init_std": std, "lr": lr, "weight_decay": wd, "dropout": drop,
-                     **measures(E, geo, history, edges, und, V)}
+                     **measures(E, history, V)}
         embs[name, "tinynn"] = E
         np.save(os.path.join(out, "embeddings", f"cycle_tinynn_{name}.npy"), E.astype(np.float32))
         print(f"  regularizer {name:22s} edge recovery {res[name]['edge_recovery']:.3f}  geometric level "
@@ -417,9 +416,9 @@ def run_forward_only(graphs, args, device, out):
     res, embs = {}, {}
     for g, graph in graphs.items():
         _, V = laplacian_eigs(graph)
-        edges, und = edge_examples(graph, "forward"), undirected_edges(graph)
-        E, geo, history = fit("tinygpt", graph, g, args, device, edges)
-        res[g] = measures(E, geo, history, edges, und, V)
+        edges = edge_examples(graph, "forward")
+        E, history = fit("tinygpt", graph, g, args, device, edges)
+        res[g] = measures(E, history, V)
         embs[g, "tinygpt_forward_only"] = E
         print(f"  forward-only {g:9s} edge recovery {res[g]['edge_recovery']:.3f}  geometric level "
               f"{res[g]['geometric_level']:+.3f}")
