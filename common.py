@@ -44,7 +44,8 @@ class ArgParser(argparse.ArgumentParser):
 
 def preset_help(what, preset):
     """--help text of a preset flag: the flags it sets."""
-    return f"{what}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in preset.items()) + \
+    show = lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+    return f"{what}: " + ", ".join(f"--{k.replace('_', '-')} {show(v)}" for k, v in preset.items()) + \
         " (explicit flags still win)"
 
 

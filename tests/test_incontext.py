@@ -92,7 +92,8 @@ def test_teacherless_inputs_hide_the_answer():
 def test_smoke_run(tmp_path):
     out = str(tmp_path / "run")
     res = exp_incontext.main(["--quick", "--train-size", "256", "--test-size", "64", "--epochs", "2",
-                              "--n-embd", "32", "--n-layer", "1", "--batch-size", "64", "--out", out])
+                              "--n-embd", "32", "--n-layer", "1", "--batch-size", "64", "--out", out,
+                              "--modes", "standard", "teacherless", "reverse"])
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert set(m) >= {"config", "final", "history", "wall_time_s"}
     assert set(m["final"]) == set(m["history"]) == set(exp_incontext.MODES) == set(res)
