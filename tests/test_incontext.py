@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import exp_incontext
-from common import Vocab
+from common import Vocab, preset_help
 
 D, L, V = 3, 4, 15
 
@@ -87,6 +87,12 @@ def test_teacherless_inputs_hide_the_answer():
     assert (X[:, Tp:] == vocab.BLANK).all() and X.shape[1] == Tp + L - 1
     assert torch.equal(Xs[:, Tp:], a[:, :-1])  # teacher forcing shows the true prefix
     assert (Y[:, : Tp - 1] == -1).all() and torch.equal(Y[:, Tp - 1:], a)
+
+
+def test_quick_preset_sets_modes_and_flags_still_win():
+    assert exp_incontext.get_args(["--quick"]).modes == ["standard", "reverse"]
+    assert exp_incontext.get_args(["--quick", "--modes", "teacherless"]).modes == ["teacherless"]
+    assert "--modes standard reverse" in preset_help("preset", exp_incontext.QUICK)
 
 
 def test_smoke_run(tmp_path):
