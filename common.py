@@ -699,6 +699,12 @@ def save_checkpoint(path, model, opt, epoch, history, gen, config):
 RESUME_FREE = {"resume", "device", "out", "bench"}
 
 
+def config_diff(saved, config):
+    """Flags (sorted) on which two run configs differ, those free to change on resume excepted."""
+    saved, config = saved or {}, config or {}
+    return [k for k in sorted(set(saved) | set(config)) if k not in RESUME_FREE and saved.get(k) != config.get(k)]
+
+
 def load_checkpoint(path, config, device):
     if not path or not os.path.exists(path):
         die(f"--resume: no checkpoint at {path}")
@@ -707,8 +713,7 @@ def load_checkpoint(path, config, device):
     except Exception as e:  # a truncated or foreign file
         die(f"--resume: cannot read checkpoint {path}: {e}")
     saved = ckpt.get("config") or {}
-    diff = [k for k in sorted(set(saved) | set(config or {}))
-            if k not in RESUME_FREE and saved.get(k) != (config or {}).get(k)]
+    diff = config_diff(saved, config)
     if diff:
         k = diff[0]
         die(f"--resume: checkpoint {path} was made with {k}={saved.get(k)!r}, this run has "

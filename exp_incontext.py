@@ -20,9 +20,9 @@ import time
 import numpy as np
 import torch
 
-from common import (GPT, ArgParser, GPTConfig, Phase, Vocab, autocast, device_name, die, greedy_decode,
-                    parse_with_presets, preset_help, pick_device, plot_panels, prepare_out, seed_everything,
-                    token_embeddings, train, write_json)
+from common import (GPT, ArgParser, GPTConfig, Phase, Vocab, autocast, config_diff, device_name, die,
+                    greedy_decode, parse_with_presets, preset_help, pick_device, plot_panels, prepare_out,
+                    seed_everything, token_embeddings, train, write_json)
 
 MODES = ("standard", "teacherless", "reverse")
 
@@ -230,9 +230,7 @@ def run_mode(mode, args, train_g, test_g, vocab, device):
     metrics_path = os.path.join(out, "metrics.json")
     if args.resume and os.path.exists(metrics_path):
         old = json.load(open(metrics_path))
-        free = {"resume", "device", "out"}
-        if {k: v for k, v in old["config"].items() if k not in free} == \
-                {k: v for k, v in config.items() if k not in free}:
+        if not config_diff(old["config"], config):
             print(f"[{mode}] finished earlier, kept")
             return old
     ckpt = os.path.join(out, "checkpoint.pt")
