@@ -230,6 +230,8 @@ def sinusoidal_positions(T, C):
 
 
 class CausalSelfAttention(nn.Module):
+    SHORT = 16  # up to this length the attention is the explicit product (see forward)
+
     def __init__(self, cfg):
         super().__init__()
         assert cfg.n_embd % cfg.n_head == 0, "width must be divisible by heads"
@@ -237,12 +239,19 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.resid_drop = nn.Dropout(cfg.dropout)
+        self.register_buffer("causal", torch.ones(cfg.block_size, cfg.block_size).tril().bool(), persistent=False)
 
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if T > self.SHORT:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:  # fused attention kernels tile 64-128 positions: at T = 2..8 (edges, path prompts)
+            # they were half of a G(5000, 5) step on an H200; the explicit T x T product is cheap
+            att = (q @ k.transpose(-2, -1)) * k.shape[-1] ** -0.5
+            att = F.dropout(att.masked_fill(~self.causal[:T, :T], float("-inf")).softmax(-1), p, self.training)
+            y = att @ v
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -271,7 +280,23 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class TiedLM(nn.Module):
+    """A next-token model with tied input/output token embeddings `wte`; subclasses define
+    `hidden(idx)` -> (B, T, C). The forward is the one every model of the repository trains with."""
+
+    def forward(self, idx, targets=None):
+        """No targets: logits of the last position (B, V). With targets (B, k), the next tokens of
+        the last k positions (-1 = no loss): their logits (B, k, V) and the mean cross-entropy
+        over the targets >= 0. The loss positions are a static slice (every group has its losses
+        at the end of its rows), so no mask and no host-device sync."""
+        h = self.hidden(idx)
+        if targets is None:
+            return h[:, -1] @ self.wte.weight.T
+        logits = h[:, idx.shape[1] - targets.shape[1]:] @ self.wte.weight.T
+        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+
+
+class GPT(TiedLM):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -298,16 +323,6 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x)
-
-    def forward(self, idx, targets=None):
-        """No targets: logits of the last position (B, V). With targets: logits only where a
-        loss is taken (M, V) and the mean cross-entropy there."""
-        h = self.hidden(idx)
-        if targets is None:
-            return h[:, -1] @ self.wte.weight.T  # tied unembedding
-        mask = targets >= 0
-        logits = h[mask] @ self.wte.weight.T
-        return logits, F.cross_entropy(logits.float(), targets[mask])
 
     def flops(self, B, T, n_loss):
         """Model FLOPs of one training step (forward + backward = 3x forward) on B sequences of
@@ -480,7 +495,7 @@ class MambaLayer(nn.Module):
         return x + self.mixer(self.norm(x), scan)
 
 
-class Mamba(nn.Module):
+class Mamba(TiedLM):
     """Mamba language model with the GPT's interface: forward(idx, targets), generate, flops."""
 
     def __init__(self, cfg):
@@ -500,8 +515,6 @@ class Mamba(nn.Module):
         for layer in self.layers:
             x = layer(x, scan)
         return self.norm_f(x)
-
-    forward = GPT.forward
 
     @torch.no_grad()
     def generate(self, idx, n_new):
@@ -561,8 +574,9 @@ def lr_at(step, total, warmup, peak, final_frac=0.1):
 
 class GroupSampler:
     """Every batch holds each group in proportion to its size (so a path-star batch is edges and
-    paths interleaved, §2). Each epoch draws a fresh order of every group from `generator`, so
-    the sampler's whole state at an epoch boundary is the generator's state (exact resume)."""
+    paths interleaved, §2), the same number of rows of each group at every step (static shapes).
+    Each epoch draws a fresh order of every group from `generator`, so the sampler's whole state
+    at an epoch boundary is the generator's state (exact resume)."""
 
     def __init__(self, groups, batch_size, generator):
         sizes = [len(X) for X, _ in groups]
@@ -572,24 +586,56 @@ class GroupSampler:
         self.shares = [min(s, max(1, round(batch_size * s / total))) for s in sizes]
 
     def epoch(self):
-        """Yields the epoch's batches, each a list of (X, Y), one per group."""
+        """Yields the epoch's steps, each a list of row indices (on the groups' device), one per
+        group."""
         orders = []
         for (X, _), share in zip(self.groups, self.shares):
             need = share * self.steps_per_epoch
             perms = [torch.randperm(len(X), generator=self.gen) for _ in range(-(-need // len(X)))]
-            orders.append(torch.cat(perms)[:need].to(X.device))
+            order = torch.cat(perms)[:need]
+            if X.is_cuda:  # pinned + non_blocking: the copy does not wait for the GPU's queue
+                order = order.pin_memory().to(X.device, non_blocking=True)
+            orders.append(order)
         for s in range(self.steps_per_epoch):
-            yield [(X[o[s * n:(s + 1) * n]], Y[o[s * n:(s + 1) * n]])
-                   for (X, Y), o, n in zip(self.groups, orders, self.shares)]
+            yield [o[s * n:(s + 1) * n] for o, n in zip(orders, self.shares)]
 
 
-def make_optimizer(model, lr, weight_decay):
-    """AdamW; decay matrices and embeddings, not biases or norms (as in nanoGPT)."""
+def take(groups, rows):
+    """The batch of one step: [(X[i], Y[i])] for each group and its row indices."""
+    return [(X[i], Y[i]) for (X, Y), i in zip(groups, rows)]
+
+
+def loss_tail(X, Y):
+    """(X, Y) -> (X, Y[:, -k:]): Y cut to its last k positions, k reaching back to the first
+    position that carries a loss in any row. Losses here always sit at the end of a row (edges:
+    the last token; paths and answers: the last l), so the model can take its logits with a
+    static slice. Checked once, on the host, before training."""
+    has_loss = (Y >= 0).any(0).nonzero()
+    if len(has_loss) == 0:
+        raise ValueError("a group without any loss position")
+    k = Y.shape[1] - int(has_loss[0])
+    if not (Y[:, -k:] >= 0).any(1).all():
+        raise ValueError("a group with a row that carries no loss")
+    return X, Y[:, -k:].contiguous()
+
+
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
+    """AdamW; decay matrices and embeddings, not biases or norms (as in nanoGPT). Fused (one
+    kernel for every parameter, its step counts on the device) with the lr a device tensor
+    (`set_lr` writes it in place): a step never reads a host value, so it can be captured in a
+    CUDA graph."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    device = params[0].device
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    for g in groups:
+        g["lr"] = torch.tensor(float(lr), device=device)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True, capturable=device.type == "cuda")
+
+
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        group["lr"].fill_(lr)
 
 
 def autocast(device):
@@ -597,31 +643,103 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda"))
 
 
-def train_step(model, opt, batch, device, grad_clip=1.0):
-    """One optimizer step on a list of groups; the loss is the mean over all loss tokens of the
-    batch. Returns on-device (loss sum, correct count, token count) for the progress bar."""
-    n_total = sum(int((Y >= 0).sum()) for _, Y in batch)
+def train_step(forward, params, opt, batch, grad_clip, stats):
+    """One AdamW step on a batch (a list of (X, Y) groups, Y cut by `loss_tail`); the loss is
+    the mean over every loss token of the batch. No host-device sync: counts stay on the device
+    and (loss sum, correct, tokens) are added to `stats` in place, so the whole step can be
+    replayed from a CUDA graph. `forward` is the model or its compiled version."""
     opt.zero_grad(set_to_none=True)
-    stats = torch.zeros(3, device=device)
+    loss_sum, correct, count = 0.0, 0, 0
     for X, Y in batch:
-        with autocast(device):
-            logits, loss = model(X, Y)
-        n = logits.shape[0]
-        (loss * (n / n_total)).backward()
-        with torch.no_grad():
-            stats += torch.stack([loss.detach() * n, (logits.argmax(-1) == Y[Y >= 0]).sum(),
-                                  torch.tensor(n, device=device)])
+        with autocast(X.device):
+            logits, loss = forward(X, Y)
+        n = (Y >= 0).sum()
+        loss_sum = loss_sum + loss * n
+        correct = correct + (logits.argmax(-1) == Y).sum()  # Y = -1 never equals an argmax
+        count = count + n
+    (loss_sum / count).backward()
     if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
     opt.step()
-    return stats
+    with torch.no_grad():
+        stats += torch.stack([loss_sum.detach(), correct.float(), count.float()])
 
 
-def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0,
-          ckpt_path=None, resume=False, config=None, desc="train"):
+class Stepper:
+    """Runs `train_step` on a sampler's rows:
+      eager          the model as written;
+      compile=True   its forward and backward compiled by inductor (one graph per group shape;
+                     the model itself is untouched, so checkpoints keep its plain keys);
+      cuda_graph     the whole step (forward, backward, clipping, AdamW) captured once in a CUDA
+                     graph and replayed: a step is then a few row gathers into static buffers and
+                     one launch.
+    With a CUDA graph the first `warmup` steps run on a side stream, as capture needs; they are
+    ordinary training steps, so every mode trains the same steps."""
+
+    def __init__(self, model, opt, groups, grad_clip, compile=False, cuda_graph=False, warmup=3):
+        self.model, self.opt, self.groups, self.grad_clip = model, opt, groups, grad_clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.forward = torch.compile(model, dynamic=False) if compile else model
+        self.capture, self.warmup, self.steps = cuda_graph, warmup, 0
+        self.stats = torch.zeros(3, device=groups[0][0].device)  # loss sum, correct, tokens
+        self.graph, self.static = None, None  # the captured step and its input buffers
+
+    def __call__(self, rows):
+        if self.graph is not None:
+            for (X, Y), (Xs, Ys), i in zip(self.groups, self.static, rows):
+                torch.index_select(X, 0, i, out=Xs)
+                torch.index_select(Y, 0, i, out=Ys)
+            self.graph.replay()
+        elif self.capture and self.steps >= self.warmup:
+            self._capture(rows)
+        elif self.capture:  # warm-up on a side stream (cuBLAS workspaces, AdamW state, compiling)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._eager(rows)
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            self._eager(rows)
+        self.steps += 1
+
+    def _eager(self, rows):
+        try:
+            train_step(self.forward, self.params, self.opt, take(self.groups, rows), self.grad_clip, self.stats)
+        except Exception as e:
+            if self.forward is self.model or self.steps > 0:
+                raise
+            # compiling fails on the first call, before any update: train on with the eager model
+            print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                  f"training without it", file=sys.stderr)
+            self.forward = self.model
+            self._eager(rows)
+
+    def _capture(self, rows):
+        self.static = [(X[i].clone(), Y[i].clone()) for (X, Y), i in zip(self.groups, rows)]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                train_step(self.forward, self.params, self.opt, self.static, self.grad_clip, self.stats)
+        except Exception as e:  # capture breaks on ops that sync; train on without it
+            print(f"warning: CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                  f"training without it", file=sys.stderr)
+            self.capture = False
+            self._eager(rows)
+            return
+        self.graph = graph
+        graph.replay()  # capture records the step without running it
+
+
+def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, ckpt_path=None,
+          ckpt_every_s=600, resume=False, config=None, desc="train", compile=False, cuda_graph=False,
+          betas=(0.9, 0.95), time_limit_s=None):
     """The one training loop of the repository. Runs the phases in order (a fresh AdamW and
-    schedule each), evaluates every `eval_every` epochs and at the end of each phase,
-    checkpoints after each evaluation, and resumes from `ckpt_path` if asked.
+    schedule each), evaluates every `eval_every` epochs and at the end of each phase, writes a
+    checkpoint after an evaluation when `ckpt_every_s` seconds have passed since the last one and
+    at the end of each phase, and resumes from `ckpt_path` if asked. `compile`, `cuda_graph`: see
+    `Stepper`. Stops with one line on stderr (exit 2) when the training loss turns non-finite,
+    keeping the last checkpoint. With `time_limit_s`, returns early at the first evaluation after
+    that many seconds (of this process), with a checkpoint that `resume` continues from.
     Returns the history: [{"epoch": e, "phase": name, "time_s": seconds, **evaluate(model)}, ...],
     time_s counting training and evaluation since the start, resumed runs included."""
     gen = torch.Generator().manual_seed(seed)
@@ -633,7 +751,8 @@ def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0,
         gen.set_state(ckpt["generator"])
         set_rng_state(ckpt["rng"])
     t0 = time.time() - (history[-1]["time_s"] if history else 0.0)  # training time survives resume
-    samplers = [GroupSampler(p.groups, p.batch_size, gen) for p in phases]
+    started = last_save = time.time()
+    samplers = [GroupSampler([loss_tail(*g) for g in p.groups], p.batch_size, gen) for p in phases]
     bar = tqdm(total=sum(p.epochs * s.steps_per_epoch for p, s in zip(phases, samplers)),
                desc=desc, dynamic_ncols=True, mininterval=1.0)
     epoch = 0  # counts across phases
@@ -643,35 +762,49 @@ def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0,
         epoch += first
         if first == phase.epochs:
             continue
-        opt = make_optimizer(model, phase.lr, weight_decay)
+        opt = make_optimizer(model, phase.lr, weight_decay, betas)
         if opt_state is not None:
+            lr_tensors = [g["lr"] for g in opt.param_groups]
             opt.load_state_dict(opt_state)
+            for g, lr in zip(opt.param_groups, lr_tensors):  # keep the device lr that set_lr writes
+                g["lr"] = lr
             opt_state = None
+        step = Stepper(model, opt, sampler.groups, phase.grad_clip, compile, cuda_graph)
         total = phase.epochs * sampler.steps_per_epoch
-        stats, posted = torch.zeros(3, device=device), bar.n
+        posted = bar.n
+        model.train()
         for ep in range(first, phase.epochs):
-            model.train()
-            for s, batch in enumerate(sampler.epoch()):
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(ep * sampler.steps_per_epoch + s, total, phase.warmup_steps,
-                                        phase.lr, phase.final_lr_frac)
-                stats += train_step(model, opt, batch, device, phase.grad_clip)
+            for s, rows in enumerate(sampler.epoch()):
+                set_lr(opt, lr_at(ep * sampler.steps_per_epoch + s, total, phase.warmup_steps, phase.lr,
+                                  phase.final_lr_frac))
+                step(rows)
             bar.update(sampler.steps_per_epoch)
             epoch += 1
             last = ep == phase.epochs - 1
-            if last or bar.n >= posted + 50:  # reading stats syncs the GPU: not every step
-                loss, correct, n = stats.tolist()
-                bar.set_postfix(phase=phase.name, epoch=epoch, loss=f"{loss / n:.4f}", acc=f"{correct / n:.3f}")
-                stats.zero_()
+            evaluating = epoch % eval_every == 0 or last
+            if evaluating or bar.n >= posted + 200:  # reading stats syncs the GPU: not every step
+                loss, correct, n = step.stats.tolist()
+                step.stats.zero_()
                 posted = bar.n
-            if epoch % eval_every == 0 or last:
+                if not math.isfinite(loss):
+                    bar.close()
+                    die(f"training loss turned {loss} by epoch {epoch} (phase {phase.name}); stopped, "
+                        f"the last checkpoint is kept")
+                bar.set_postfix(phase=phase.name, epoch=epoch, loss=f"{loss / n:.4f}", acc=f"{correct / n:.3f}")
+            if evaluating:
                 model.eval()
                 with torch.no_grad():
                     history.append({"epoch": epoch, "phase": phase.name, "time_s": time.time() - t0,
                                     **evaluate(model)})
                 model.train()
-                if ckpt_path:
+                out_of_time = time_limit_s is not None and time.time() - started >= time_limit_s
+                if ckpt_path and (last or out_of_time or time.time() - last_save >= ckpt_every_s):
                     save_checkpoint(ckpt_path, model, opt, epoch, history, gen, config)
+                    last_save = time.time()
+                if out_of_time:
+                    bar.close()
+                    print(f"time limit reached: stopped after epoch {epoch}", file=sys.stderr)
+                    return history
     bar.close()
     return history
 
@@ -696,7 +829,7 @@ def save_checkpoint(path, model, opt, epoch, history, gen, config):
 
 
 # flags that may differ between a run and its resumption
-RESUME_FREE = {"resume", "device", "out", "bench"}
+RESUME_FREE = {"resume", "device", "out", "bench", "compile", "cuda_graph", "ckpt_every", "time_limit"}
 
 
 def config_diff(saved, config):
@@ -735,22 +868,29 @@ def greedy_decode(model, prompts, n_new, device, chunk=4096):
     return torch.cat(out)
 
 
+def top_k_hits(scores, target, k):
+    """(R,) bool: is each row's target among its k best scores? Ties and non-finite values count
+    against the model: the row must be finite and fewer than k other entries may reach the
+    target's score (so a constant or NaN model scores 0, not 1)."""
+    rivals = (scores >= scores.gather(1, target[:, None])).sum(1) - 1  # the target itself is >=
+    return (rivals < k) & torch.isfinite(scores).all(1)
+
+
 @torch.no_grad()
 def edge_recall(model, edges, vocab, device, chunk=4096):
     """Edge memorization: the fraction of trained edges (u, v) whose v is among the top-deg(u)
     predictions after `[EDGE] u`, deg(u) = number of trained targets of u (the top-k success
-    criterion of App. C.3; a source with several neighbours cannot put them all at top-1)."""
-    e = torch.as_tensor(edges)
+    criterion of App. C.3; a source with several neighbours cannot put them all at top-1).
+    On the device; one sync at the end."""
+    e = torch.as_tensor(edges).to(device)
     deg = torch.bincount(e[:, 0], minlength=vocab.num_nodes)
     X, _ = edge_group(e, vocab)
-    hits = 0
+    hits = torch.zeros((), device=device)
     for i in range(0, len(e), chunk):
         with autocast(device):
-            logits = model(X[i: i + chunk].to(device)).float()
-        v = e[i: i + chunk, 1].to(device)
-        rank = (logits > logits.gather(1, v[:, None])).sum(1)
-        hits += int((rank < deg[e[i: i + chunk, 0]].to(device)).sum())
-    return hits / len(e)
+            logits = model(X[i: i + chunk]).float()
+        hits += top_k_hits(logits, e[i: i + chunk, 1], deg[e[i: i + chunk, 0]]).sum()
+    return hits.item() / len(e)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -758,8 +898,8 @@ def edge_recall(model, edges, vocab, device, chunk=4096):
 
 def cosine_matrix(a, b=None):
     """Cosine similarities between the rows of a and of b (default a)."""
-    a = torch.as_tensor(a, dtype=torch.float32)
-    b = a if b is None else torch.as_tensor(b, dtype=torch.float32)
+    a = torch.as_tensor(a).float()
+    b = a if b is None else torch.as_tensor(b).float()
     return F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
 
 
@@ -767,13 +907,15 @@ def navigation_score(emb, arms, all_arms):
     """§2.4 geometry score: for the leaf of each root-to-leaf path in `arms`, rank the root's
     children (the distinct first nodes of `all_arms`) by cosine similarity to the leaf's
     embedding. Returns the top-1 rate (the leaf points at its own first node; chance 1/d) and
-    the mean rank (1 = best; chance (d+1)/2)."""
-    emb = torch.as_tensor(emb, dtype=torch.float32)
+    the mean rank (1 = best; chance (d+1)/2). Ties and non-finite values count against: a child
+    as similar as the own one ranks above it, a non-finite row ranks last. Runs on emb's device."""
+    emb = torch.as_tensor(emb).float()
     children = sorted({a[1] for a in all_arms})
     column = {c: i for i, c in enumerate(children)}
-    own = torch.tensor([column[arm[1]] for arm in arms])
+    own = torch.tensor([column[arm[1]] for arm in arms], device=emb.device)
     sim = cosine_matrix(emb[[a[-1] for a in arms]], emb[children])
-    rank = 1 + (sim > sim.gather(1, own[:, None])).sum(1).float()
+    rank = (sim >= sim.gather(1, own[:, None])).sum(1).float()
+    rank = torch.where(torch.isfinite(sim).all(1), rank, float(len(children)))
     return (rank == 1).float().mean().item(), rank.mean().item()
 
 
@@ -800,29 +942,67 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def benchmark(model, groups, batch_size, device, weight_decay=0.0, warmup=2, steps=5, seed=0):
-    """Times full training steps (forward, backward, AdamW) on batches of the given groups and
-    compares model FLOP/s with this device's matmul peak measured in the same run."""
-    sampler = GroupSampler(groups, batch_size, torch.Generator().manual_seed(seed))
-    batches = [b for _, b in zip(range(warmup + steps), forever(sampler))]
-    opt = make_optimizer(model, 1e-4, weight_decay)
-    model.train()
-    for batch in batches[:warmup]:
-        train_step(model, opt, batch, device)
-    sync(device)
-    t, flops, seqs = time.perf_counter(), 0, 0
-    for batch in batches[warmup:]:
-        train_step(model, opt, batch, device)
-        for X, Y in batch:
-            flops += model.flops(X.shape[0], X.shape[1], int((Y >= 0).sum()))
-            seqs += X.shape[0]
-    sync(device)
-    dt = time.perf_counter() - t
+def bench_modes(device):
+    """(name, compile, cuda_graph) of every step mode this device has."""
+    if str(device).startswith("cuda"):
+        return [("eager", False, False), ("graph", False, True), ("compiled", True, False), ("compiled+graph", True, True)]
+    return [("eager", False, False), ("compiled", True, False)]
+
+
+def count_launches(fn, device):
+    """Kernel and graph launches that one call of fn makes, from the profiler (CUDA only)."""
+    if not str(device).startswith("cuda"):
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    return sum(1 for e in prof.events() if "Launch" in e.name and e.name.startswith(("cuda", "cu")))
+
+
+def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes=None, seed=0, report=None):
+    """Times full training steps (forward, backward, clipping, AdamW) in each mode of
+    `bench_modes` from the same initial weights, and compares model FLOP/s with this device's
+    matmul peak measured in the same run. Per mode: ms per step and per epoch, sequences/s, MFU,
+    launches per step, and the minutes `epochs` epochs of training would take (evaluation not
+    counted). CUDA: 5 warm-up steps (a graph is captured at the 4th), 20 timed; CPU: 2 and 5.
+    `report(result)` is called after each mode (to save what is measured so far)."""
+    warmup, steps = (5, 20) if str(device).startswith("cuda") else (2, 5)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    sampler = GroupSampler([loss_tail(*g) for g in groups], batch_size, torch.Generator().manual_seed(seed))
+    rows = [r for _, r in zip(range(warmup + steps + 1), forever(sampler))]
+    flops = sum(model.flops(len(i), X.shape[1], int((Y[i] >= 0).sum()))
+                for (X, Y), i in zip(sampler.groups, rows[0]))  # every step has the same shapes
+    seqs = sum(sampler.shares)
     peak = peak_matmul_flops(device)
-    return {"device": device_name(device), "batch_size": batch_size, "steps": steps,
-            "seconds_per_step": dt / steps, "seqs_per_s": seqs / dt,
-            "model_flops_per_s": flops / dt, "peak_flops_per_s": peak, "mfu": flops / dt / peak,
-            "torch_threads": torch.get_num_threads()}
+    res = {"device": device_name(device), "batch_size": batch_size, "steps_per_epoch": sampler.steps_per_epoch,
+           "flops_per_step": flops, "peak_flops_per_s": peak, "timed_steps": steps,
+           "torch_threads": torch.get_num_threads(), "modes": {}}
+    for name, compile, cuda_graph in modes or bench_modes(device):
+        model.load_state_dict(init)
+        model.train()
+        opt = make_optimizer(model, 1e-4, weight_decay)
+        step = Stepper(model, opt, sampler.groups, 1.0, compile, cuda_graph)
+        t = time.perf_counter()
+        for r in rows[:warmup]:
+            step(r)
+        sync(device)
+        setup = time.perf_counter() - t
+        t = time.perf_counter()
+        for r in rows[warmup:warmup + steps]:
+            step(r)
+        sync(device)
+        dt = (time.perf_counter() - t) / steps
+        res["modes"][name] = {
+            "ms_per_step": 1e3 * dt, "ms_per_epoch": 1e3 * dt * sampler.steps_per_epoch, "seqs_per_s": seqs / dt,
+            "model_flops_per_s": flops / dt, "mfu": flops / dt / peak, "warmup_s": setup,
+            "launches_per_step": count_launches(lambda: step(rows[-1]), device),
+            "cuda_graph": step.graph is not None,
+            "projected_train_minutes": dt * sampler.steps_per_epoch * epochs / 60, "epochs": epochs}
+        if report:
+            report(res)
+    model.load_state_dict(init)
+    return res
 
 
 def forever(sampler):

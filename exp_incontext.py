@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from common import (GPT, ArgParser, GPTConfig, Phase, Vocab, autocast, config_diff, device_name, die,
-                    greedy_decode, parse_with_presets, preset_help, pick_device, plot_panels, prepare_out,
+                    greedy_decode, loss_tail, parse_with_presets, preset_help, pick_device, plot_panels, prepare_out,
                     seed_everything, token_embeddings, train, write_json)
 
 MODES = ("standard", "teacherless", "reverse")
@@ -176,12 +176,12 @@ def example_group(prompt, answer, mode, vocab):
 def predict_all(model, X, Y, device, chunk=4096):
     """Argmax at every answer position in one forward pass -> (n, l). With teacher-forced X each
     token is predicted from the true prefix; with teacherless X it is the model's whole answer."""
-    l = int((Y[0] >= 0).sum())
+    Y = loss_tail(X, Y)[1]  # (n, l): the answer positions
     out = []
     for i in range(0, len(X), chunk):
         with autocast(device):
             logits, _ = model(X[i: i + chunk].to(device), Y[i: i + chunk].to(device))
-        out.append(logits.argmax(-1).view(-1, l).cpu())
+        out.append(logits.argmax(-1).cpu())
     return torch.cat(out)
 
 

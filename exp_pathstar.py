@@ -85,8 +85,16 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     r.add_argument("--out", default="runs/pathstar", help="output folder")
     r.add_argument("--quick", action="store_true", help=preset_help("CPU-sized preset", quick))
     r.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-    r.add_argument("--bench", action="store_true",
-                   help="time training steps of this configuration, write --out/bench.json, no training")
+    r.add_argument("--bench", action="store_true", help="time training steps of this configuration in each "
+                   "step mode (eager, compiled, CUDA graph), write --out/bench.json, no training")
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the model's forward and backward with inductor (default: on with CUDA)")
+    r.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the whole training step in a CUDA graph (default: on with CUDA)")
+    r.add_argument("--time-limit", type=float, default=None, help="minutes: stop at the first evaluation "
+                   "after this long, write the outputs and a checkpoint (--resume continues)")
+    r.add_argument("--ckpt-every", type=float, default=600, help="seconds between checkpoints (each "
+                   "written after an evaluation; one is always written at the end)")
     r.add_argument("--sweep", choices=list(SWEEPS) if sweeps else [], help="run every arm of a control into "
                    "--out/<arm>/ plus summary.csv and summary.png: " + "; ".join(
                        f"{k}: {', '.join(v)}" for k, v in SWEEPS.items()) if sweeps else argparse.SUPPRESS)
@@ -99,6 +107,8 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
               (args.epochs >= 1, "--epochs must be >= 1"),
               (args.edge_epochs >= 1, "--edge-epochs must be >= 1"),
               (args.eval_every >= 1, "--eval-every must be >= 1"),
+              (args.ckpt_every >= 0, "--ckpt-every must be >= 0"),
+              (args.time_limit is None or args.time_limit > 0, "--time-limit must be > 0"),
               (min(args.n_layer, args.n_embd, args.n_head, args.d_state, args.d_conv, args.expand) >= 1,
                "model sizes must be >= 1"),
               (args.model != "gpt" or args.n_embd % args.n_head == 0, "--n-embd must be divisible by --n-head"),
@@ -156,7 +166,7 @@ def make_evaluate(data, args, device):
             res[f"{split}_token_acc_tf"] = teacher_forced_acc(model, prompts, targets, device).tolist()
         res["edge_acc"] = edge_recall(model, data["edges"], data["vocab"], device)
         res["chance_first_token"] = 1.0 / args.n
-        emb = model.wte.weight[: data["vocab"].num_nodes].float().cpu()
+        emb = model.wte.weight[: data["vocab"].num_nodes].float()
         res["navigation_acc"], res["navigation_mean_rank"] = navigation_score(emb, data["test_arms"], data["arms"])
         res["chance_navigation_mean_rank"] = (args.n + 1) / 2
         if "chance_by_depth" in data:
@@ -206,8 +216,10 @@ def describe(args):
 
 def write_outputs(out, args, data, model, history, wall, device):
     final = {k: v for k, v in history[-1].items() if k not in ("epoch", "phase", "time_s")}
+    planned = args.epochs + (args.edge_epochs if args.recipe == "staged" and not args.no_paths else 0)
     write_json(os.path.join(out, "metrics.json"), {
         "config": vars(args), "device": device_name(device), "final": final,
+        "epochs_done": history[-1]["epoch"], "epochs_planned": planned,
         "history": history, "wall_time_s": wall})
     write_json(os.path.join(out, "graph.json"), {
         "num_nodes": data["vocab"].num_nodes, "root": data["root"], "arms": data["arms"],
@@ -260,12 +272,23 @@ def run(args, device, data=None):
     vocab = data["vocab"]
     model = make_model(args, vocab.size).to(device)
     phases = phases_for(data, args, device)
+    cuda = device.startswith("cuda")
+    compile = cuda if args.compile is None else args.compile
+    cuda_graph = cuda if args.cuda_graph is None else args.cuda_graph
+    if cuda_graph and not cuda:
+        die("--cuda-graph needs a CUDA device")
     if args.bench:
-        res = benchmark(model, phases[0].groups, phases[0].batch_size, device, args.weight_decay)
+        save = lambda res: write_json(os.path.join(args.out, "bench.json"), {**res, "config": vars(args)})
+        res = benchmark(model, phases[0].groups, phases[0].batch_size, device, phases[0].epochs, args.weight_decay,
+                        report=save)
         res["config"] = vars(args)
-        write_json(os.path.join(args.out, "bench.json"), res)
-        print(f"{res['device']}: {res['seqs_per_s']:.0f} seqs/s, {res['model_flops_per_s'] / 1e9:.1f} "
-              f"GFLOP/s model, peak {res['peak_flops_per_s'] / 1e9:.1f} GFLOP/s, MFU {res['mfu']:.1%}")
+        print(f"{res['device']}, {res['steps_per_epoch']} steps per epoch, peak {res['peak_flops_per_s'] / 1e12:.2f} "
+              f"TFLOP/s ({torch.get_num_threads()} threads)")
+        for name, m in res["modes"].items():
+            launches = "" if m["launches_per_step"] is None else f", {m['launches_per_step']} launches/step"
+            print(f"  {name:>15}: {m['ms_per_step']:8.2f} ms/step, {m['ms_per_epoch']:9.1f} ms/epoch, "
+                  f"{m['seqs_per_s']:8.0f} seqs/s, MFU {m['mfu']:6.1%}{launches}; {args.epochs} epochs "
+                  f"~ {m['projected_train_minutes']:.1f} min")
         return res
     if device == "cpu" and not args.quick and args.n * args.n_embd * args.n_layer > 10_000_000:
         print("warning: a GPU-sized configuration on the CPU; see the ETA on the progress bar "
@@ -277,8 +300,9 @@ def run(args, device, data=None):
     t0 = time.time()
     history = train(model, phases, weight_decay=args.weight_decay, evaluate=make_evaluate(data, args, device),
                     eval_every=args.eval_every, device=device, seed=args.seed,
-                    ckpt_path=os.path.join(args.out, "checkpoint.pt"), resume=args.resume,
-                    config=vars(args), desc="path-star")
+                    ckpt_path=os.path.join(args.out, "checkpoint.pt"), ckpt_every_s=args.ckpt_every,
+                    resume=args.resume, config=vars(args), desc="path-star", compile=compile,
+                    cuda_graph=cuda_graph, time_limit_s=args.time_limit and 60 * args.time_limit)
     wall = time.time() - t0
     write_outputs(args.out, args, data, model, history, wall, device)
     f = history[-1]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common import (ArgParser, GPT, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig, Phase, TINY_GRAPHS,
+from common import (ArgParser, GPT, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig, Phase, TINY_GRAPHS, TiedLM,
                     Vocab, adjacency, arm_edges, cosine_matrix, device_name, die, edge_group, edge_recall,
                     laplacian_eigs, neighbour_targets, parse_with_presets, pick_device, prepare_out, pyplot,
                     save_figure, seed_everything, tiny_graph, token_embeddings, train, train_node2vec, write_json)
@@ -74,9 +74,9 @@ class TinyNNConfig:
     freeze_embeddings: bool = False
 
 
-class TinyNN(nn.Module):
+class TinyNN(TiedLM):
     """Embedding -> one DxD linear layer -> tied unembedding: no attention, residual, norm, positions or
-    nonlinearity, so the logits of source u are e_u W^T E^T. Same interface as GPT (forward, wte)."""
+    nonlinearity, so the logits of source u are e_u W^T E^T. Trains like the GPT (TiedLM)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -90,8 +90,6 @@ class TinyNN(nn.Module):
 
     def hidden(self, idx):
         return self.W(self.drop(self.wte(idx)))
-
-    forward = GPT.forward
 
 
 # ----------------------------------------------------------------------------- data

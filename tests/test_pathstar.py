@@ -1,3 +1,4 @@
+import argparse
 import json
 import os
 import subprocess
@@ -55,10 +56,19 @@ def test_staged_and_variants_run(tmp_path):
 
 def test_bench_writes_json(tmp_path):
     out = str(tmp_path / "bench")
-    exp_pathstar.main(TINY + ["--bench", "--out", out])
+    exp_pathstar.main(TINY + ["--bench", "--first-token-only", "--epochs", "7", "--out", out])
     b = json.load(open(os.path.join(out, "bench.json")))
-    for key in ("seqs_per_s", "model_flops_per_s", "peak_flops_per_s", "mfu"):
-        assert b[key] > 0
+    assert set(b["modes"]) == {"eager", "compiled"}  # the CPU has no CUDA graphs
+    # G(24, 4): 144 edge examples (both directions) and 18 training leaves; batch 256 holds all
+    assert b["steps_per_epoch"] == 1 and b["batch_size"] == 256
+    model = exp_pathstar.make_model(argparse.Namespace(**b["config"]), 24 * 3 + 1 + 5)
+    want = model.flops(144, 2, 144) + model.flops(18, 2 + 4 + 1, 18)  # edges; [PATH] leaf 4 pauses root
+    assert b["flops_per_step"] == want
+    for m in b["modes"].values():
+        assert m["ms_per_epoch"] == pytest.approx(m["ms_per_step"])
+        assert m["seqs_per_s"] == pytest.approx(162 / m["ms_per_step"] * 1e3)
+        assert m["mfu"] == pytest.approx(want / m["ms_per_step"] * 1e3 / b["peak_flops_per_s"])
+        assert m["projected_train_minutes"] == pytest.approx(7 * m["ms_per_epoch"] / 6e4)
 
 
 @pytest.mark.parametrize("flags,msg", [
@@ -99,7 +109,7 @@ def test_cli_error_has_no_traceback():
 
 
 def test_killed_run_resumes_to_the_same_history(tmp_path):
-    flags = TINY + ["--epochs", "150", "--eval-every", "1"]
+    flags = TINY + ["--epochs", "150", "--eval-every", "1", "--ckpt-every", "0"]
     full = str(tmp_path / "full")
     exp_pathstar.main(flags + ["--out", full])
     ref = json.load(open(os.path.join(full, "metrics.json")))["history"]
@@ -116,7 +126,7 @@ def test_killed_run_resumes_to_the_same_history(tmp_path):
     assert killed_at < 150 and not os.path.exists(os.path.join(part, "metrics.json"))
 
     with pytest.raises(SystemExit):  # a changed flag is refused
-        exp_pathstar.main(flags[:-4] + ["--epochs", "99", "--eval-every", "1", "--resume", "--out", part])
+        exp_pathstar.main(TINY + ["--epochs", "99", "--eval-every", "1", "--resume", "--out", part])
     exp_pathstar.main(flags + ["--resume", "--out", part])
     got = json.load(open(os.path.join(part, "metrics.json")))["history"]
     assert len(got) == len(ref) == 150
