@@ -752,6 +752,7 @@ def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, 
         set_rng_state(ckpt["rng"])
     t0 = time.time() - (history[-1]["time_s"] if history else 0.0)  # training time survives resume
     started = last_save = time.time()
+    saved = resume_epoch  # epoch of the checkpoint on disk (0: none)
     samplers = [GroupSampler([loss_tail(*g) for g in p.groups], p.batch_size, gen) for p in phases]
     bar = tqdm(total=sum(p.epochs * s.steps_per_epoch for p, s in zip(phases, samplers)),
                desc=desc, dynamic_ncols=True, mininterval=1.0)
@@ -788,8 +789,8 @@ def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, 
                 posted = bar.n
                 if not math.isfinite(loss):
                     bar.close()
-                    die(f"training loss turned {loss} by epoch {epoch} (phase {phase.name}); stopped, "
-                        f"the last checkpoint is kept")
+                    die(f"training loss turned {loss} by epoch {epoch} (phase {phase.name}); stopped, " +
+                        (f"the checkpoint of epoch {saved} is kept" if saved else "no checkpoint was written"))
                 bar.set_postfix(phase=phase.name, epoch=epoch, loss=f"{loss / n:.4f}", acc=f"{correct / n:.3f}")
             if evaluating:
                 model.eval()
@@ -800,7 +801,7 @@ def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, 
                 out_of_time = time_limit_s is not None and time.time() - started >= time_limit_s
                 if ckpt_path and (last or out_of_time or time.time() - last_save >= ckpt_every_s):
                     save_checkpoint(ckpt_path, model, opt, epoch, history, gen, config)
-                    last_save = time.time()
+                    last_save, saved = time.time(), epoch
                 if out_of_time:
                     bar.close()
                     print(f"time limit reached: stopped after epoch {epoch}", file=sys.stderr)
@@ -829,7 +830,8 @@ def save_checkpoint(path, model, opt, epoch, history, gen, config):
 
 
 # flags that may differ between a run and its resumption
-RESUME_FREE = {"resume", "device", "out", "bench", "compile", "cuda_graph", "ckpt_every", "time_limit"}
+RESUME_FREE = {"resume", "device", "out", "bench", "compile", "cuda_graph", "ckpt_every", "time_limit",
+               "parallel"}
 
 
 def config_diff(saved, config):

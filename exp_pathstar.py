@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Phase, Vocab, arm_edges, autocast, benchmark,
-                    device_name, die, edge_group, edge_recall, greedy_decode, navigation_score,
+                    config_diff, device_name, die, edge_group, edge_recall, greedy_decode, navigation_score,
                     parse_with_presets, preset_help, path_group, path_prompts, path_star, path_targets,
                     pick_device, plot_cosine_heatmap, plot_curves, plot_panels, prepare_out, seed_everything,
                     split_arms, token_embeddings, train, write_json)
@@ -98,6 +98,9 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     r.add_argument("--sweep", choices=list(SWEEPS) if sweeps else [], help="run every arm of a control into "
                    "--out/<arm>/ plus summary.csv and summary.png: " + "; ".join(
                        f"{k}: {', '.join(v)}" for k, v in SWEEPS.items()) if sweeps else argparse.SUPPRESS)
+    if sweeps:
+        r.add_argument("--parallel", type=int, default=1, help="--sweep: arms run at a time, each in its own "
+                       "process (on a GPU they share it; on the CPU they share its threads)")
     p.set_defaults(**(defaults or {}))
     args = parse_with_presets(p, {"quick": quick}, argv)
     checks = [(args.n >= 2, "--n must be >= 2 (arms; some leaves are held out)"),
@@ -117,7 +120,8 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
               (min(args.lr, args.edge_lr) > 0, "learning rates must be > 0"),
               (args.weight_decay >= 0 and 0 <= args.dropout < 1, "bad --weight-decay or --dropout"),
               (not (args.no_paths and args.recipe == "staged"), "--no-paths has no path phase to stage"),
-              (not (args.sweep and args.bench), "--bench times one configuration; drop --sweep")]
+              (not (args.sweep and args.bench), "--bench times one configuration; drop --sweep"),
+              (getattr(args, "parallel", 1) >= 1, "--parallel must be >= 1")]
     for ok, msg in checks:
         if not ok:
             die(msg)
@@ -127,7 +131,10 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
 def build(args):
     """Graph, split, datasets and the evaluation data of one run."""
     graph, root, arms = path_star(args.n, args.l, seed=args.seed)
-    train_arms, test_arms = split_arms(arms, args.train_frac, seed=args.seed)
+    try:
+        train_arms, test_arms = split_arms(arms, args.train_frac, seed=args.seed)
+    except ValueError as e:  # a bad --n / --train-frac pair: a flag error, not a crash
+        die(str(e))
     return task_data(graph, root, arms, train_arms, test_arms, arm_edges(arms, args.edges), args)
 
 
@@ -318,23 +325,40 @@ SUMMARY_KEYS = ["test_first_token_acc", "test_path_acc", "navigation_acc", "navi
                 "train_first_token_acc", "train_path_acc", "edge_acc", "wall_time_s"]
 
 
+def run_arm(args, device, threads=None):
+    """One arm of a sweep in its own process (--parallel): the machine's threads shared out."""
+    if threads:
+        torch.set_num_threads(threads)
+    return run(args, device)
+
+
 def run_sweep(args, device):
-    """Each arm of the sweep is an ordinary run in --out/<arm>/. With --resume, finished arms are
-    kept, interrupted ones resumed, missing ones started."""
-    results = {}
+    """Each arm of the sweep is an ordinary run in --out/<arm>/, one after another, or
+    --parallel K at a time as separate processes (one GPU or the CPU's cores shared). With
+    --resume, finished arms are kept, interrupted ones resumed, missing ones started."""
+    results, todo = {}, {}
     for arm, flags in SWEEPS[args.sweep].items():
         a = argparse.Namespace(**{**vars(args), **flags, "sweep": None, "out": os.path.join(args.out, arm)})
         prepare_out(a.out)
         metrics = os.path.join(a.out, "metrics.json")
         old = json.load(open(metrics)) if args.resume and os.path.exists(metrics) else None
-        if old and {k: v for k, v in old["config"].items() if k != "resume"} == \
-                {k: v for k, v in vars(a).items() if k != "resume"}:
+        if old and not config_diff(old["config"], vars(a)):
             print(f"[{args.sweep}] {arm}: finished earlier, kept")
             results[arm] = old
             continue
         a.resume = args.resume and os.path.exists(os.path.join(a.out, "checkpoint.pt"))
         print(f"[{args.sweep}] {arm}: " + " ".join(f"{k}={v}" for k, v in flags.items()))
-        results[arm] = run(a, device)
+        todo[arm] = a
+    if args.parallel > 1 and len(todo) > 1:
+        import concurrent.futures
+        import multiprocessing
+        threads = None if device.startswith("cuda") else max(1, torch.get_num_threads() // args.parallel)
+        with concurrent.futures.ProcessPoolExecutor(args.parallel, multiprocessing.get_context("spawn")) as pool:
+            futures = {arm: pool.submit(run_arm, a, device, threads) for arm, a in todo.items()}
+            results.update({arm: f.result() for arm, f in futures.items()})
+    else:
+        results.update({arm: run(a, device) for arm, a in todo.items()})
+    results = {arm: results[arm] for arm in SWEEPS[args.sweep]}  # the sweep's order
     rows = []
     for arm, r in results.items():
         h = r["history"]

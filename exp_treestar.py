@@ -43,7 +43,10 @@ def split_paths(paths, split, train_frac, seed):
 
 def build(args, split):
     graph, root, paths, edges = tree_star(args.n, args.b, args.l, seed=args.seed)
-    train, test = split_paths(paths, split, args.train_frac, args.seed)
+    try:
+        train, test = split_paths(paths, split, args.train_frac, args.seed)
+    except ValueError as e:  # a bad --n / --b / --train-frac combination: a flag error, not a crash
+        die(f"{split} split: {e}")
     return exp_pathstar.task_data(
         graph, root, paths, train, test, orient(edges, args.edges), args,
         chance_by_depth=[1.0, 1.0 / args.n] + [1.0 / args.b] * (args.l - 2),  # one choice per depth

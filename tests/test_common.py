@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from common import (GPT, GPTConfig, GroupSampler, Phase, Stepper, Vocab, arm_edges, edge_group, edge_recall, forever,
-                    make_optimizer, set_lr,
+                    make_optimizer, set_lr, top_k_hits,
                     cosine_matrix, greedy_decode, loss_tail, lr_at, navigation_score, path_group, path_prompts,
                     path_star, path_targets, split_arms, train)
 
@@ -318,3 +318,20 @@ def test_short_attention_matches_fused(T):
     want = attn(x)
     attn.SHORT = short
     assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [0.0, float("nan")])
+def test_constant_or_nan_model_scores_nothing(value):
+    """Ties and non-finite values count against the model in every rank measure here."""
+    vocab = Vocab(4)
+
+    class Constant(torch.nn.Module):
+        def forward(self, idx):
+            return torch.full((len(idx), vocab.size), value)
+    assert edge_recall(Constant(), np.array([[0, 1], [1, 2], [2, 0]]), vocab, "cpu") == 0.0
+    _, _, arms = path_star(5, 4, seed=0)
+    top1, rank = navigation_score(torch.full((16, 8), value), arms, arms)
+    assert top1 == 0.0 and rank == 5.0  # last of the 5 children
+    scores = torch.tensor([[1.0, 2.0, 2.0], [3.0, 1.0, float("inf")]])
+    assert top_k_hits(scores, torch.tensor([1, 0]), torch.tensor([1, 2])).tolist() == [False, False]
+    assert top_k_hits(scores, torch.tensor([1, 0]), torch.tensor([2, 2])).tolist() == [True, False]

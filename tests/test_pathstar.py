@@ -77,6 +77,7 @@ def test_bench_writes_json(tmp_path):
     (["--epochs", "-3"], "--epochs must be"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--n", "abc"], "invalid int value"),
+    (["--n", "3", "--train-frac", "0.1"], "empty split"),
 ])
 def test_bad_flags_exit_with_one_line(tmp_path, flags, msg, capsys):
     if "cuda" in flags and torch.cuda.is_available():
@@ -151,6 +152,21 @@ def test_sweep_writes_arms_and_summary(tmp_path):
     assert again == rows
 
 
+def test_parallel_sweep_matches_sequential(tmp_path):
+    """--parallel 2: each arm in its own process (one thread each here), the same results as one
+    after another with one thread."""
+    flags = TINY + ["--sweep", "frozen", "--epochs", "3", "--eval-every", "1"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seq = exp_pathstar.main(flags + ["--out", str(tmp_path / "seq")])
+    finally:
+        torch.set_num_threads(threads)
+    par = exp_pathstar.main(flags + ["--parallel", "2", "--out", str(tmp_path / "par")])
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]
+    assert [r["arm"] for r in par] == ["trained", "frozen"] and drop(par) == drop(seq)
+
+
 def test_edges_only_reports_geometry(tmp_path):
     out = tmp_path / "edges_only"
     exp_pathstar.main(TINY + ["--no-paths", "--epochs", "2", "--out", str(out)])
@@ -159,3 +175,30 @@ def test_edges_only_reports_geometry(tmp_path):
     assert f["chance_navigation_mean_rank"] == 12.5
     for fig in ("geometry.png", "embedding_heatmap.png"):
         assert (out / fig).stat().st_size > 1000
+
+
+def test_diverged_run_stops_with_one_line(tmp_path, capsys):
+    """lr 1e6 turns the loss NaN: the run stops (non-zero exit, one line), keeps the checkpoint of
+    the last finite evaluation and writes no metrics."""
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as e:
+        exp_pathstar.main(TINY + ["--lr", "1e6", "--epochs", "6", "--eval-every", "1", "--ckpt-every", "0",
+                                  "--out", str(out)])
+    assert e.value.code != 0
+    err = [l for l in capsys.readouterr().err.replace("\r", "\n").splitlines() if "error" in l]
+    assert len(err) == 1 and "training loss turned" in err[0]
+    assert not (out / "metrics.json").exists()
+    if "checkpoint of epoch" in err[0]:
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_compiled_run_resumes_eagerly(tmp_path):
+    """A checkpoint written by a --compile run has the plain keys: --resume --no-compile continues."""
+    out = str(tmp_path / "run")
+    exp_pathstar.main(TINY + ["--epochs", "4", "--eval-every", "2", "--compile", "--time-limit", "1e-6",
+                              "--out", out])
+    assert json.load(open(os.path.join(out, "metrics.json")))["epochs_done"] == 2  # stopped by the limit
+    assert not any("_orig_mod" in k for k in torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["model"])
+    hist = exp_pathstar.main(TINY + ["--epochs", "4", "--eval-every", "2", "--no-compile", "--resume", "--out", out])
+    assert [h["epoch"] for h in hist["history"]] == [2, 4]

@@ -57,3 +57,11 @@ def test_treestar_bad_branching(capsys):
     with pytest.raises(SystemExit):
         exp_treestar.main(["--quick", "--b", "0", "--out", "/tmp/unused_tree"])
     assert "--b must be" in capsys.readouterr().err
+
+
+def test_treestar_empty_split_is_a_flag_error(tmp_path, capsys):
+    """Two root children cannot be split 75/25: one line on stderr, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        exp_treestar.main(["--quick", "--n", "2", "--b", "1", "--l", "2", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and "empty split" in err[0]
