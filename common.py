@@ -1018,6 +1018,43 @@ def device_name(device):
     return f"cpu ({os.cpu_count()} cores)"
 
 
+# ----------------------------------------------------------------------------- seeds
+
+
+def spread(values_by_seed):
+    """{seed: {metric: number}} -> {metric: {"mean", "min", "max", "values": {seed: v}}} over the
+    metrics that every seed has as a number (lists and strings are skipped)."""
+    seeds = list(values_by_seed)
+    keys = [k for k, v in values_by_seed[seeds[0]].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and all(isinstance(values_by_seed[s].get(k), (int, float)) for s in seeds)]
+    out = {}
+    for k in keys:
+        v = np.array([values_by_seed[s][k] for s in seeds], dtype=float)
+        out[k] = {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()),
+                  "values": {str(s): values_by_seed[s][k] for s in seeds}}
+    return out
+
+
+def write_spread_csv(path, table, seeds, label="run"):
+    """table: {name: spread(...)} (one name per run or sweep arm) -> one line per (name, metric):
+    mean, min, max, then each seed's value."""
+    import csv
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([label, "metric", "mean", "min", "max"] + [f"seed{s}" for s in seeds])
+        for name, metrics in table.items():
+            for k, m in metrics.items():
+                w.writerow([name, k, m["mean"], m["min"], m["max"]] + [m["values"][str(s)] for s in seeds])
+
+
+def curve_band(histories, key):
+    """Mean, min and max of history[key] over seeds, at the epochs every seed evaluated."""
+    epochs = sorted(set.intersection(*({h["epoch"] for h in hist} for hist in histories)))
+    at = [{h["epoch"]: h[key] for h in hist} for hist in histories]
+    v = np.array([[a[e] for e in epochs] for a in at], dtype=float)
+    return epochs, v.mean(0), (v.min(0), v.max(0))
+
+
 # ----------------------------------------------------------------------------- plotting
 
 
@@ -1058,14 +1095,17 @@ def plot_cosine_heatmap(path, emb, blocks, labels, title):
 
 
 def plot_panels(path, panels, title, xlabel="epoch"):
-    """Side-by-side line plots. panels: [(subtitle, ylabel, [(xs, ys, label)], chance or None)];
+    """Side-by-side line plots. panels: [(subtitle, ylabel, lines, chance or None)], each line
+    (xs, ys, label) or (xs, ys, label, (lows, highs)) with a band (the spread over seeds);
     an 'accuracy' panel is drawn on [0, 1]."""
     import matplotlib.ticker
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 1.2, 4.0), squeeze=False)
     for ax, (subtitle, ylabel, lines, chance) in zip(axes[0], panels):
-        for xs, ys, label in lines:
-            ax.plot(xs, ys, label=label, lw=1.6, marker="o" if len(xs) <= 12 else None, ms=4)
+        for xs, ys, label, *band in lines:
+            line, = ax.plot(xs, ys, label=label, lw=1.6, marker="o" if len(xs) <= 12 else None, ms=4)
+            if band:
+                ax.fill_between(xs, *band[0], color=line.get_color(), alpha=0.2, lw=0)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         if chance is not None:
             ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance = {chance:.3g}")

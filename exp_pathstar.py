@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Phase, Vocab, arm_edges, autocast, benchmark,
-                    config_diff, device_name, die, edge_group, edge_recall, greedy_decode, navigation_score,
-                    parse_with_presets, preset_help, path_group, path_prompts, path_star, path_targets,
-                    pick_device, plot_cosine_heatmap, plot_curves, plot_panels, prepare_out, seed_everything,
-                    split_arms, token_embeddings, train, write_json)
+                    config_diff, curve_band, device_name, die, edge_group, edge_recall, greedy_decode,
+                    navigation_score, parse_with_presets, preset_help, path_group, path_prompts, path_star,
+                    path_targets, pick_device, plot_cosine_heatmap, plot_curves, plot_panels, prepare_out,
+                    seed_everything, split_arms, spread, token_embeddings, train, write_json, write_spread_csv)
 
 # CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (see README, "Finding a quick setting")
 QUICK = dict(n=300, l=5, n_layer=2, n_embd=64, n_head=4, pauses=4, lr=3e-3, weight_decay=0.1,
@@ -81,6 +81,8 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     r = p.add_argument_group("run")
     r.add_argument("--eval-every", type=int, default=100, help="epochs between evaluations and checkpoints")
     r.add_argument("--seed", type=int, default=0, help="seed of graph, split, init and batches")
+    r.add_argument("--seeds", type=int, nargs="+", help="run (or sweep) once per seed into --out/seed<k>/, "
+                   "then summary.csv, metrics.json and summary.png with the mean, min and max over seeds")
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:i]")
     r.add_argument("--out", default="runs/pathstar", help="output folder")
     r.add_argument("--quick", action="store_true", help=preset_help("CPU-sized preset", quick))
@@ -121,7 +123,9 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
               (args.weight_decay >= 0 and 0 <= args.dropout < 1, "bad --weight-decay or --dropout"),
               (not (args.no_paths and args.recipe == "staged"), "--no-paths has no path phase to stage"),
               (not (args.sweep and args.bench), "--bench times one configuration; drop --sweep"),
-              (getattr(args, "parallel", 1) >= 1, "--parallel must be >= 1")]
+              (getattr(args, "parallel", 1) >= 1, "--parallel must be >= 1"),
+              (not args.seeds or len(set(args.seeds)) == len(args.seeds), "--seeds must be distinct"),
+              (not (args.seeds and args.bench), "--bench times one configuration; drop --seeds")]
     for ok, msg in checks:
         if not ok:
             die(msg)
@@ -384,10 +388,50 @@ def run_sweep(args, device):
     return rows
 
 
+def run_seeds(args, device):
+    """--seeds: the run or sweep once per seed in --out/seed<k>/, then the mean, min and max over
+    seeds of every final metric (summary.csv, metrics.json) and the curves with their spread
+    (summary.png). Returns {seed: what run / run_sweep returned}."""
+    per_seed = {}
+    for s in args.seeds:
+        a = argparse.Namespace(**{**vars(args), "seed": s, "seeds": None, "out": os.path.join(args.out, f"seed{s}")})
+        prepare_out(a.out)
+        print(f"[seeds] seed {s} -> {a.out}")
+        per_seed[s] = run_sweep(a, device) if args.sweep else run(a, device)
+    seeds = list(args.seeds)
+    if args.sweep:  # per arm: its summary row; curves from each arm's metrics.json
+        table = {arm: spread({s: next(r for r in per_seed[s] if r["arm"] == arm) for s in seeds})
+                 for arm in SWEEPS[args.sweep]}
+        hist = {arm: [json.load(open(os.path.join(args.out, f"seed{s}", arm, "metrics.json")))["history"]
+                      for s in seeds] for arm in SWEEPS[args.sweep]}
+    else:
+        table = {"run": spread({s: per_seed[s]["history"][-1] for s in seeds})}
+        hist = {f"mean of {len(seeds)} seeds": [per_seed[s]["history"] for s in seeds]}
+    write_spread_csv(os.path.join(args.out, "summary.csv"), table, seeds, "arm" if args.sweep else "run")
+    write_json(os.path.join(args.out, "metrics.json"), {
+        "config": vars(args), "seeds": seeds, "device": device_name(device),
+        ("arms" if args.sweep else "final"): table if args.sweep else table["run"]})
+    keys = [("test_first_token_acc", "held-out first token"), ("test_path_acc", "held-out full path"),
+            ("navigation_acc", "navigation (top-1)"), ("edge_acc", "edges memorized")]
+    if args.first_token_only or args.no_paths:
+        keys = [k for k in keys if "path" not in k[0]]
+    band_line = lambda name, epochs, mean, band: (epochs, mean, name, band)
+    plot_panels(os.path.join(args.out, "summary.png"), [
+        (label, "accuracy", [band_line(name, *curve_band(h, key)) for name, h in hist.items()], 1.0 / args.n)
+        for key, label in keys], f"{args.sweep or describe(args)}: mean over seeds {seeds}, band = min..max")
+    for name, metrics in table.items():
+        for key, label in keys:
+            m = metrics[key]
+            print(f"  {name}: {label} {m['mean']:.3f} (min {m['min']:.3f}, max {m['max']:.3f}, seeds {seeds})")
+    return per_seed
+
+
 def main(argv=None, **parser_kw):
     args = get_args(argv, **parser_kw)
     device = pick_device(args.device)
     prepare_out(args.out)
+    if args.seeds:
+        return run_seeds(args, device)
     return run_sweep(args, device) if args.sweep else run(args, device)
 
 

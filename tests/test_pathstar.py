@@ -1,4 +1,5 @@
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -202,3 +203,34 @@ def test_compiled_run_resumes_eagerly(tmp_path):
     assert not any("_orig_mod" in k for k in torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["model"])
     hist = exp_pathstar.main(TINY + ["--epochs", "4", "--eval-every", "2", "--no-compile", "--resume", "--out", out])
     assert [h["epoch"] for h in hist["history"]] == [2, 4]
+
+
+def test_seeds_write_spread(tmp_path):
+    """--seeds 0 1: one folder per seed, and mean / min / max over them of every final metric."""
+    out = tmp_path / "seeds"
+    exp_pathstar.main(TINY + ["--epochs", "3", "--eval-every", "1", "--seeds", "0", "1", "--out", str(out)])
+    per = {s: json.load(open(out / f"seed{s}" / "metrics.json")) for s in (0, 1)}
+    assert per[0]["config"]["seed"] == 0 and per[1]["config"]["seed"] == 1
+    assert json.load(open(out / "seed0" / "graph.json")) != json.load(open(out / "seed1" / "graph.json"))
+    m = json.load(open(out / "metrics.json"))
+    assert m["seeds"] == [0, 1]
+    for key in ("test_first_token_acc", "edge_acc", "navigation_mean_rank"):
+        v = [per[s]["final"][key] for s in (0, 1)]
+        assert m["final"][key]["mean"] == pytest.approx(sum(v) / 2)
+        assert (m["final"][key]["min"], m["final"][key]["max"]) == (min(v), max(v))
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    row = next(r for r in rows if r["metric"] == "edge_acc")
+    assert float(row["seed1"]) == per[1]["final"]["edge_acc"] and float(row["min"]) == min(
+        per[s]["final"]["edge_acc"] for s in (0, 1))
+    assert (out / "summary.png").stat().st_size > 10000
+
+
+def test_sweep_with_seeds(tmp_path):
+    out = tmp_path / "sw"
+    exp_pathstar.main(TINY + ["--sweep", "frozen", "--epochs", "2", "--eval-every", "1", "--seeds", "3", "4",
+                              "--out", str(out)])
+    m = json.load(open(out / "metrics.json"))
+    assert set(m["arms"]) == {"trained", "frozen"}
+    for arm in ("trained", "frozen"):
+        v = [json.load(open(out / f"seed{s}" / arm / "metrics.json"))["final"]["edge_acc"] for s in (3, 4)]
+        assert m["arms"][arm]["edge_acc"]["mean"] == pytest.approx(sum(v) / 2)
