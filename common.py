@@ -870,12 +870,63 @@ def greedy_decode(model, prompts, n_new, device, chunk=4096):
     return torch.cat(out)
 
 
-def top_k_hits(scores, target, k):
+def top_k_hits(scores, target, k, ignore=None):
     """(R,) bool: is each row's target among its k best scores? Ties and non-finite values count
     against the model: the row must be finite and fewer than k other entries may reach the
-    target's score (so a constant or NaN model scores 0, not 1)."""
-    rivals = (scores >= scores.gather(1, target[:, None])).sum(1) - 1  # the target itself is >=
-    return (rivals < k) & torch.isfinite(scores).all(1)
+    target's score (so a constant or NaN model scores 0, not 1). `ignore` (R, M) bool: entries
+    left out of the ranking (never the target)."""
+    rival = scores >= scores.gather(1, target[:, None])
+    finite = torch.isfinite(scores)
+    if ignore is not None:
+        rival, finite = rival & ~ignore, finite | ignore
+    return (rival.sum(1) - 1 < k) & finite.all(1)  # the target itself is one of the rivals
+
+
+def logit_recall(L, edges):
+    """`edge_recall` of a whole (N, M) logit matrix (Node2Vec's E E^T, a tiny model's geometric
+    logits; M >= N, extra columns such as special tokens are candidates too): the fraction of
+    edges (u, v) with v among the top-deg(u) entries of row u. u's own entry is left out unless
+    u -> u is an edge (E E^T puts every node first in its own row)."""
+    L, e = torch.as_tensor(np.asarray(L, dtype=np.float64)), torch.as_tensor(np.asarray(edges))
+    N = L.shape[0]
+    loops = torch.zeros(N, dtype=torch.bool)
+    loops[e[e[:, 0] == e[:, 1], 0]] = True
+    ignore = torch.eye(N, L.shape[1], dtype=torch.bool) & ~loops[:, None]
+    deg = torch.bincount(e[:, 0], minlength=N)
+    return top_k_hits(L[e[:, 0]], e[:, 1], deg[e[:, 0]], ignore[e[:, 0]]).double().mean().item()
+
+
+def row_margins(L, edges):
+    """For each source u with targets (a row of the (N, M) logit matrix L; extra columns count as
+    non-targets): (its lowest target logit, its highest target logit) minus its highest
+    non-target logit, u's own entry left out of both sides. A row with a non-finite value gets
+    -inf: it stores nothing."""
+    L = np.asarray(L, dtype=np.float64)
+    N, M = L.shape
+    target = np.zeros((N, M), dtype=bool)
+    target[edges[:, 0], edges[:, 1]] = True
+    own = np.eye(N, M, dtype=bool)
+    target &= ~own
+    best_other = np.where(~target & ~own, L, -np.inf).max(1)
+    low = np.where(target, L, np.inf).min(1) - best_other
+    high = np.where(target, L, -np.inf).max(1) - best_other
+    broken = ~np.isfinite(L).all(1)
+    low[broken] = high[broken] = -np.inf
+    rows = target.any(1)
+    return low[rows], high[rows]
+
+
+def edge_margin(L, edges):
+    """The margin of App. B.5 / E.2: the worst row's lowest target logit minus its highest
+    non-target logit. Positive: every edge of every row is read off L."""
+    return float(row_margins(L, edges)[0].min())
+
+
+def edge_margin_authors(L, edges):
+    """The margin of the authors' release (tiny_graphs_notebooks/analysis/analysis_spectral.py,
+    _edge_margin): the mean over rows of the highest target logit minus the highest non-target
+    logit. Positive when most rows put some neighbour first, a weaker test than `edge_margin`."""
+    return float(row_margins(L, edges)[1].mean())
 
 
 @torch.no_grad()

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from common import (ArgParser, Node2Vec, Node2VecConfig, TINY_GRAPHS, adjacency, coefficient_matrix, device_name,
-                    die, grid_graph, laplacian_eigs, navigation_score, neighbour_targets, parse_with_presets,
+                    die, edge_margin, grid_graph, laplacian_eigs, logit_recall, navigation_score, neighbour_targets,
+                    parse_with_presets,
                     preset_help, path_star, pick_device, prepare_out, principal_angles, pyplot, save_figure,
                     seed_everything, spectral_energy, tiny_graph, train_node2vec, with_self_edges, write_json)
 
@@ -131,17 +132,10 @@ def offblock(X, V, blocks):
 
 def edge_scores(L, A):
     """Edge recall (v among the top-deg(u) logits of row u; u itself excluded unless it is a training
-    self-edge, App. C.3) and the worst row margin (lowest neighbour logit minus highest non-neighbour
-    logit, self excluded; App. E.2's margin)."""
-    L = L.copy()
-    nbr = A > 0
-    no_loop = ~np.diag(nbr)
-    L[np.arange(len(L))[no_loop], np.arange(len(L))[no_loop]] = -np.inf
-    rank = np.argsort(np.argsort(-L, axis=1), axis=1)
-    recall = float((nbr & (rank < nbr.sum(1, keepdims=True))).sum() / nbr.sum())
-    others = ~nbr & ~np.eye(len(L), dtype=bool)
-    margin = np.where(nbr, L, np.inf).min(1) - np.where(others, L, -np.inf).max(1)
-    return recall, float(margin.min())
+    self-edge, App. C.3) and the worst row margin (App. E.2), both from common (ties and non-finite
+    values count against)."""
+    edges = np.argwhere(np.asarray(A) > 0)
+    return logit_recall(L, edges), edge_margin(L, edges)
 
 
 def cosine_by_hops(E, D):

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common import (ArgParser, GPT, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig, Phase, TINY_GRAPHS, TiedLM,
-                    Vocab, adjacency, arm_edges, cosine_matrix, device_name, die, edge_group, edge_recall,
-                    laplacian_eigs, neighbour_targets, parse_with_presets, pick_device, prepare_out, pyplot,
-                    save_figure, seed_everything, tiny_graph, token_embeddings, train, train_node2vec, write_json)
+from common import (GPT, TINY_GRAPHS, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig, Phase,
+                    TiedLM, Vocab, adjacency, arm_edges, cosine_matrix, device_name, die, edge_group, edge_margin,
+                    edge_margin_authors, edge_recall, laplacian_eigs, logit_recall, neighbour_targets,
+                    parse_with_presets, pick_device, prepare_out, pyplot, save_figure, seed_everything, tiny_graph,
+                    token_embeddings, train, train_node2vec, write_json)
 
 MODELS = ("tinygpt", "tinynn", "tinyssm", "associative_gpt", "associative_nn", "node2vec")
 STUDIES = ("main", "speed", "regularizers", "forward-only")
@@ -53,6 +54,10 @@ def get_args(argv=None):
     p.add_argument("--steps-scale", type=float, default=1.0,
                    help="multiply every model's step count (the paper's counts at 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the path-star ids and of every init")
+    p.add_argument("--tinynn-recipe", choices=("paper", "authors"), default="paper",
+                   help="TinyNN: App. B.2.2 (width 512, 10,000 steps, constant lr, no bias) or the release's "
+                   "notebook (width 32/32/512/16, 500/500/10,000/1,000 steps, cosine to lr/10 but on the cycle, "
+                   "a bias)")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:i] or auto")
     p.add_argument("--out", default="runs/tiny_graphs", help="output folder")
     p.add_argument("--quick", action="store_true", help="smoke preset: --steps-scale 0.02 (explicit flags win)")
@@ -72,6 +77,7 @@ class TinyNNConfig:
     init_std: float = 0.02  # App. C.3.1: GPT-style N(0, 0.02) vs unit normal
     dropout: float = 0.0
     freeze_embeddings: bool = False
+    bias: bool = False  # the release's TinyNN has one (zero-initialized; the geometric logits ignore it)
 
 
 class TinyNN(TiedLM):
@@ -82,10 +88,12 @@ class TinyNN(TiedLM):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.W = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.W = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
         nn.init.normal_(self.wte.weight, 0.0, cfg.init_std)
         nn.init.normal_(self.W.weight, 0.0, 0.02)
+        if cfg.bias:
+            nn.init.zeros_(self.W.bias)
         self.wte.weight.requires_grad_(not cfg.freeze_embeddings)
 
     def hidden(self, idx):
@@ -143,53 +151,37 @@ def geometric_logits(E, W):
     return E @ Wg.T @ E.T
 
 
-def margin(L, edges):
-    """Worst row margin: min over sources u of (lowest logit of a trained target of u minus the highest logit
-    of a node that is not one), self excluded from both sides. Sources with no trained targets are skipped."""
-    N = len(L)
-    nbr = np.zeros((N, N), dtype=bool)
-    nbr[edges[:, 0], edges[:, 1]] = True
-    np.fill_diagonal(nbr, False)
-    others = ~nbr & ~np.eye(N, dtype=bool)
-    rows = nbr.any(1)
-    m = np.where(nbr, L, np.inf).min(1) - np.where(others, L, -np.inf).max(1)
-    return float(m[rows].min())
-
-
-def logit_recall(L, edges):
-    """edge_recall for a logit matrix (Node2Vec): v among the top-deg(u) logits of row u, self excluded
-    unless u -> u is a trained edge (E E^T puts every node's own logit first)."""
-    L = L.copy()
-    N = len(L)
-    loops = np.zeros(N, dtype=bool)
-    loops[edges[edges[:, 0] == edges[:, 1], 0]] = True
-    L[~loops, np.arange(N)[~loops]] = -np.inf
-    deg = np.bincount(edges[:, 0], minlength=N)
-    rank = (L[edges[:, 0]] > L[edges[:, 0], edges[:, 1]][:, None]).sum(1)
-    return float((rank < deg[edges[:, 0]]).mean())
-
-
 # ----------------------------------------------------------------------------- models and training
 
 
-def recipe(model, graph_name, scale):
-    """(width, lr, steps, weight decay) of App. B.2.2; one step = one full-batch epoch."""
+# TinyNN in the release's notebook (experiment_notebooks/tiny_neural_network.ipynb): width, lr, steps,
+# final lr fraction of a cosine without warm-up (1.0 = constant)
+AUTHORS_TINYNN = {"path_star": (32, 1e-2, 500, 0.1), "grid": (32, 1e-2, 500, 0.1), "cycle": (512, 1e-2, 10000, 1.0),
+                  "irregular": (16, 5e-3, 1000, 0.1)}
+
+
+def recipe(model, graph_name, scale, tinynn="paper"):
+    """(width, lr, steps, final lr fraction) of App. B.2.2 (constant lr); one step = one full-batch
+    epoch. tinynn="authors": TinyNN as the release's notebook trains it (AUTHORS_TINYNN)."""
     seq_steps = {"cycle": 700, "irregular": 2500}.get(graph_name, 500)
     r = {"tinygpt": (32, 1e-2, seq_steps), "associative_gpt": (32, 1e-2, seq_steps),
          "tinyssm": (32, 1e-2, seq_steps),
          "tinynn": (16, 5e-3, 1000) if graph_name == "irregular" else (512, 1e-2, 10000),
          "associative_nn": (512, 0.1, 10),  # wide, frozen embeddings: a handful of steps (§3.2)
-         "node2vec": (100, 1e-2, 10000)}[model]
-    return r[0], r[1], max(2, round(r[2] * scale))
+         "node2vec": (100, 1e-2, 10000)}[model] + (1.0,)
+    if model == "tinynn" and tinynn == "authors":
+        r = AUTHORS_TINYNN[graph_name]
+    return r[0], r[1], max(2, round(r[2] * scale)), r[3]
 
 
-def build(model, vocab, width, init_std=0.02, dropout=0.0):
+def build(model, vocab, width, init_std=0.02, dropout=0.0, bias=False):
     if model in ("tinygpt", "associative_gpt"):
         return GPT(GPTConfig(vocab.size, block_size=2, n_layer=1, n_head=1, n_embd=width, dropout=dropout,
                              freeze_embeddings=model == "associative_gpt"))
     if model == "tinyssm":
         return Mamba(MambaConfig(vocab.size, n_layer=1, n_embd=width))
-    return TinyNN(TinyNNConfig(vocab.size, width, init_std, dropout, freeze_embeddings=model == "associative_nn"))
+    return TinyNN(TinyNNConfig(vocab.size, width, init_std, dropout, freeze_embeddings=model == "associative_nn",
+                               bias=bias))
 
 
 def fit(model_name, graph, graph_name, args, device, edges, eval_every=None, width=None, lr=None, steps=None,
@@ -198,7 +190,8 @@ def fit(model_name, graph, graph_name, args, device, edges, eval_every=None, wid
     history: edge recovery, geometric level and (TinyNN models) geometric margin every `eval_every` steps
     (speed study) and always at the end of training."""
     seed_everything(args.seed)
-    w, l, s = recipe(model_name, graph_name, args.steps_scale)
+    w, l, s, final_frac = recipe(model_name, graph_name, args.steps_scale, args.tinynn_recipe)
+    authors = model_name == "tinynn" and args.tinynn_recipe == "authors"  # the release's TinyNN
     width, lr, steps = width or w, lr or l, steps or s
     N = graph.number_of_nodes()
     und = undirected_edges(graph)
@@ -211,21 +204,27 @@ def fit(model_name, graph, graph_name, args, device, edges, eval_every=None, wid
                     "geometric_level": geometric_level(r["params"]["E"].numpy(), und)} for r in recs]
         return net.E.detach().cpu().numpy(), history
     vocab = Vocab(N)
-    net = build(model_name, vocab, width, init_std, dropout).to(device)
+    net = build(model_name, vocab, width, init_std, dropout, bias=authors).to(device)
     X, Y = edge_group(edges, vocab)
 
     def evaluate(m):
         E = token_embeddings(m, N)
         res = {"edge_recovery": edge_recall(m, edges, vocab, device), "geometric_level": geometric_level(E, und)}
         if isinstance(m, TinyNN):  # margin over training: is the geometry there early and lost later?
-            res["geometric_margin"] = margin(geometric_logits(E, m.W.weight.detach().cpu().numpy()), edges)
+            W = m.W.weight.detach().cpu().numpy()
+            res["geometric_margin"] = edge_margin(geometric_logits(E, W), edges)
+            # the release's measure: E with the special-token rows, mean of best-neighbour margins
+            res["geometric_margin_authors"] = edge_margin_authors(
+                geometric_logits(m.wte.weight.detach().cpu().numpy(), W), edges)
         return res
 
     history = [{"epoch": 0, **evaluate(net)}] if eval_every else []
-    # full batch, constant lr, no warm-up or clipping (App. B.2.2)
-    phase = Phase("edges", [(X.to(device), Y.to(device))], steps, len(X), lr, 0, final_lr_frac=1.0, grad_clip=0)
+    # full batch, no warm-up or clipping, constant lr (App. B.2.2) or the release's cosine and betas
+    phase = Phase("edges", [(X.to(device), Y.to(device))], steps, len(X), lr, 0, final_lr_frac=final_frac,
+                  grad_clip=0)
+    betas = (0.9, 0.999) if authors else (0.9, 0.95)
     history += train(net, [phase], weight_decay=weight_decay, evaluate=evaluate, eval_every=eval_every or steps,
-                     device=device, seed=args.seed, desc=f"{graph_name} {model_name}")
+                     device=device, seed=args.seed, desc=f"{graph_name} {model_name}", betas=betas)
     return token_embeddings(net, N), history
 
 
@@ -234,7 +233,8 @@ def measures(E, history, V):
     margin: TinyNN models only, App. B.5), and the spectrum."""
     last = history[-1]
     return {"edge_recovery": last["edge_recovery"], "geometric_level": last["geometric_level"],
-            "geometric_margin": last.get("geometric_margin"), "spectrum": spectrum(E, V).tolist()}
+            "geometric_margin": last.get("geometric_margin"),
+            "geometric_margin_authors": last.get("geometric_margin_authors"), "spectrum": spectrum(E, V).tolist()}
 
 
 # ----------------------------------------------------------------------------- figures
@@ -348,7 +348,7 @@ def run_speed(graphs, args, device, out):
         edges = edge_examples(graph)
         res[g] = {}
         for model in SPEED_MODELS:
-            steps = recipe(model, g, args.steps_scale)[2]
+            steps = recipe(model, g, args.steps_scale, args.tinynn_recipe)[2]
             res[g][model] = fit(model, graph, g, args, device, edges, eval_every=max(1, steps // 100))[1]
         plot_speed(os.path.join(out, f"speed_{g}.png"), g, res[g])
     return res

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import exp_tiny_graphs as tg
-from common import Vocab, edge_group, laplacian_eigs, tiny_graph, token_embeddings
+from common import (Vocab, edge_group, edge_margin, edge_margin_authors, laplacian_eigs, logit_recall, tiny_graph,
+                    token_embeddings)
 
 # graph node / edge counts and connectivity are tested in tests/test_node2vec.py
 
@@ -43,24 +44,42 @@ def test_geometric_margin_known_answers():
     E = U @ np.diag(s) @ R
     W = R.T @ np.diag(lam / s ** 2) @ R
     assert np.allclose(E @ W.T @ E.T, A)
-    assert np.isclose(tg.margin(tg.geometric_logits(E, W), edges), 1.0)
+    assert np.isclose(edge_margin(tg.geometric_logits(E, W), edges), 1.0)
     # associative storage: one-hot embeddings, W = A. W's diagonal is 0, so the geometric model has all-zero logits
-    assert np.isclose(tg.margin(tg.geometric_logits(np.eye(6), A), edges), 0.0)
-    assert np.isclose(tg.margin(A, edges), 1.0)
+    assert np.isclose(edge_margin(tg.geometric_logits(np.eye(6), A), edges), 0.0)
+    assert np.isclose(edge_margin(A, edges), 1.0)
     # the margin is per row and the worst row counts; the self logit is ignored
     L = A.copy() + 10 * np.eye(6)
     L[2, 5] = 1.5  # row 2: a non-neighbour above its neighbours
-    assert np.isclose(tg.margin(L, edges), -0.5)
+    assert np.isclose(edge_margin(L, edges), -0.5)
+    # the release's margin: mean over rows of best neighbour minus best non-neighbour
+    assert np.isclose(edge_margin_authors(L, edges), (5 * 1.0 - 0.5) / 6)
+    L[2, 1] = 3.0  # one neighbour of row 2 high again: its best neighbour wins, its worst still loses
+    assert np.isclose(edge_margin_authors(L, edges), (5 * 1.0 + 1.5) / 6) and np.isclose(edge_margin(L, edges), -0.5)
+    # extra columns (special tokens) are non-targets: one above every neighbour sinks that row
+    wide = np.concatenate([A, np.zeros((6, 2))], 1)
+    wide[0, 7] = 2.0
+    assert np.isclose(edge_margin(wide, edges), -1.0) and np.isclose(edge_margin_authors(wide, edges), (5 - 1) / 6)
+
+
+@pytest.mark.parametrize("value", [0.0, float("nan")])
+def test_constant_or_nan_logits_store_nothing(value):
+    edges = np.argwhere(nx.to_numpy_array(nx.cycle_graph(6)) > 0)
+    L = np.full((6, 6), value)
+    assert logit_recall(L, edges) == 0.0
+    assert edge_margin(L, edges) <= 0 and edge_margin_authors(L, edges) <= 0
+    if value != value:  # NaN: no number at all
+        assert edge_margin(L, edges) == -np.inf
 
 
 def test_geometric_level_and_logit_recall():
     E = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [-1.0, 0.0]])
     assert np.isclose(tg.geometric_level(E, [(0, 1), (1, 2), (3, 3)]), np.sqrt(0.5))
     edges = np.array([[0, 1], [1, 0], [1, 2], [2, 1]])
-    assert tg.logit_recall(E @ E.T, edges) == 1.0  # self logits excluded
+    assert logit_recall(E @ E.T, edges) == 1.0  # self logits excluded
     L = E @ E.T
     L[0, 3] = 5.0  # row 0: a non-neighbour above its only neighbour
-    assert tg.logit_recall(L, edges) == 0.75
+    assert logit_recall(L, edges) == 0.75
 
 
 def test_tinynn_matches_logit_formula():
@@ -130,3 +149,19 @@ def test_bad_flags_one_line(argv, msg, capsys, tmp_path):
         tg.main(argv + ["--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert e.value.code != 0 and msg in err and err.count("\n") == 1
+
+
+def test_authors_tinynn_recipe():
+    """--tinynn-recipe authors: the release notebook's width, steps, cosine and a zero-initialized
+    bias; both margins are reported at every evaluation."""
+    assert tg.recipe("tinynn", "path_star", 1.0, "authors") == (32, 1e-2, 500, 0.1)
+    assert tg.recipe("tinynn", "cycle", 1.0, "authors") == (512, 1e-2, 10000, 1.0)
+    assert tg.recipe("tinynn", "grid", 1.0) == (512, 1e-2, 10000, 1.0)  # App. B.2.2: constant lr
+    assert tg.recipe("tinygpt", "grid", 1.0, "authors") == (32, 1e-2, 500, 1.0)  # only TinyNN changes
+    graph = tiny_graph("grid")
+    args = tg.get_args(["--steps-scale", "0.02", "--tinynn-recipe", "authors"])
+    _, history = tg.fit("tinynn", graph, "grid", args, "cpu", tg.edge_examples(graph), eval_every=5)
+    assert [h["epoch"] for h in history] == [0, 5, 10]  # 500 x 0.02 steps
+    assert all(np.isfinite(h["geometric_margin"]) and np.isfinite(h["geometric_margin_authors"]) for h in history)
+    net = tg.build("tinynn", Vocab(4), 8, bias=True)
+    assert net.W.bias is not None and not net.W.bias.any()
