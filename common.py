@@ -217,6 +217,7 @@ class GPTConfig:
     attention: bool = True  # False: MLP-only blocks (tiny-graph models, App. B.2.2)
     freeze_embeddings: bool = False  # App. E.1 / associative control: token embeddings fixed
     learned_positions: bool = False  # True: a trained table, as B&N'24's in-context GPT (App. A)
+    position_std: float = 0.02  # init of a trained table; both releases leave torch's N(0, 1)
 
 
 def sinusoidal_positions(T, C):
@@ -302,7 +303,7 @@ class GPT(TiedLM):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         if cfg.learned_positions:
-            self.wpe = nn.Parameter(0.02 * torch.randn(cfg.block_size, cfg.n_embd))
+            self.wpe = nn.Parameter(cfg.position_std * torch.randn(cfg.block_size, cfg.n_embd))
         else:
             self.register_buffer("wpe", sinusoidal_positions(cfg.block_size, cfg.n_embd), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
@@ -619,15 +620,16 @@ def loss_tail(X, Y):
     return X, Y[:, -k:].contiguous()
 
 
-def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
-    """AdamW; decay matrices and embeddings, not biases or norms (as in nanoGPT). Fused (one
-    kernel for every parameter, its step counts on the device) with the lr a device tensor
-    (`set_lr` writes it in place): a step never reads a host value, so it can be captured in a
-    CUDA graph."""
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), decay_all=False):
+    """AdamW; decay on matrices and embeddings, not biases or norms (as in nanoGPT), or on every
+    parameter (decay_all, as the release's plain `AdamW(model.parameters())`). Fused (one kernel
+    for every parameter, its step counts on the device) with the lr a device tensor (`set_lr`
+    writes it in place): a step never reads a host value, so it can be captured in a CUDA graph."""
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    decayed = lambda p: decay_all or p.dim() >= 2
+    groups = [{"params": [p for p in params if decayed(p)], "weight_decay": weight_decay},
+              {"params": [p for p in params if not decayed(p)], "weight_decay": 0.0}]
     for g in groups:
         g["lr"] = torch.tensor(float(lr), device=device)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True, capturable=device.type == "cuda")
@@ -732,12 +734,12 @@ class Stepper:
 
 def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, ckpt_path=None,
           ckpt_every_s=600, resume=False, config=None, desc="train", compile=False, cuda_graph=False,
-          betas=(0.9, 0.95), time_limit_s=None):
+          betas=(0.9, 0.95), decay_all=False, time_limit_s=None):
     """The one training loop of the repository. Runs the phases in order (a fresh AdamW and
     schedule each), evaluates every `eval_every` epochs and at the end of each phase, writes a
     checkpoint after an evaluation when `ckpt_every_s` seconds have passed since the last one and
     at the end of each phase, and resumes from `ckpt_path` if asked. `compile`, `cuda_graph`: see
-    `Stepper`. Stops with one line on stderr (exit 2) when the training loss turns non-finite,
+    `Stepper`; `betas`, `decay_all`: see `make_optimizer`. Stops with one line on stderr (exit 2) when the training loss turns non-finite,
     keeping the last checkpoint. With `time_limit_s`, returns early at the first evaluation after
     that many seconds (of this process), with a checkpoint that `resume` continues from.
     Returns the history: [{"epoch": e, "phase": name, "time_s": seconds, **evaluate(model)}, ...],
@@ -763,7 +765,7 @@ def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, 
         epoch += first
         if first == phase.epochs:
             continue
-        opt = make_optimizer(model, phase.lr, weight_decay, betas)
+        opt = make_optimizer(model, phase.lr, weight_decay, betas, decay_all)
         if opt_state is not None:
             lr_tensors = [g["lr"] for g in opt.param_groups]
             opt.load_state_dict(opt_state)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import exp_pathstar
+from common import make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--quick", "--n", "24", "--l", "4", "--n-embd", "32", "--n-head", "2"]
@@ -234,3 +235,40 @@ def test_sweep_with_seeds(tmp_path):
     for arm in ("trained", "frozen"):
         v = [json.load(open(out / f"seed{s}" / arm / "metrics.json"))["final"]["edge_acc"] for s in (3, 4)]
         assert m["arms"][arm]["edge_acc"]["mean"] == pytest.approx(sum(v) / 2)
+
+
+def test_optimizer_flags_reach_adamw(tmp_path, monkeypatch):
+    """--betas, --decay and --grad-clip reach the optimizer and the phases; the defaults are the
+    release's AdamW, the quick preset keeps nanoGPT's (measured better at that scale, README)."""
+    full = exp_pathstar.get_args([])
+    assert (full.betas, full.grad_clip, full.decay) == ([0.9, 0.999], 0.0, "all")
+    quick = exp_pathstar.get_args(["--quick"])
+    assert (quick.betas, quick.grad_clip, quick.decay) == ([0.9, 0.95], 1.0, "matrices")
+    seen = {}
+    real = exp_pathstar.train
+
+    def spy(model, phases, **kw):
+        seen.update(kw, clips=[p.grad_clip for p in phases])
+        return real(model, phases, **kw)
+    monkeypatch.setattr(exp_pathstar, "train", spy)
+    exp_pathstar.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "a")])
+    assert seen["betas"] == (0.9, 0.95) and not seen["decay_all"] and seen["clips"] == [1.0]
+    exp_pathstar.main(TINY + ["--epochs", "1", "--betas", "0.9", "0.999", "--decay", "all", "--grad-clip", "0",
+                              "--recipe", "staged", "--edge-epochs", "1", "--out", str(tmp_path / "b")])
+    assert seen["betas"] == (0.9, 0.999) and seen["decay_all"] and seen["clips"] == [0.0, 0.0]
+    model = tiny_model_for_decay()
+    opt = make_optimizer(model, 1e-3, 0.1, decay_all=True)
+    assert [g["weight_decay"] for g in opt.param_groups if g["params"]] == [0.1]  # biases and norms decay too
+    opt = make_optimizer(model, 1e-3, 0.1)  # nanoGPT: embedding and linear weight decay; 3 vectors do not
+    assert [(len(g["params"]), g["weight_decay"]) for g in opt.param_groups] == [(2, 0.1), (3, 0.0)]
+
+
+def tiny_model_for_decay():
+    return torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+
+
+def test_learned_positions_start_unit_normal():
+    args = exp_pathstar.get_args(TINY + ["--positions", "learned", "--n-embd", "64"])
+    model = exp_pathstar.make_model(args, 30)
+    assert isinstance(model.wpe, torch.nn.Parameter) and 0.9 < model.wpe.std().item() < 1.1
+    assert not isinstance(exp_pathstar.make_model(exp_pathstar.get_args(TINY), 30).wpe, torch.nn.Parameter)
