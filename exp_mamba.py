@@ -46,6 +46,8 @@ def main(argv=None):
     args = exp_pathstar.get_args(argv, doc=__doc__, defaults=dict(model="mamba"), quick=QUICK)
     device = pick_device(args.device)
     prepare_out(args.out)
+    if args.seeds:
+        return exp_pathstar.run_seeds(args, device)
     if args.sweep:
         return exp_pathstar.run_sweep(args, device)
     res = exp_pathstar.run(args, device)

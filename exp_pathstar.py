@@ -155,7 +155,7 @@ def build(args):
     return task_data(graph, root, arms, train_arms, test_arms, arm_edges(arms, args.edges), args)
 
 
-def task_data(graph, root, paths, train_paths, test_paths, edges, args, **extra):
+def task_data(graph, root, paths, train_paths, test_paths, edges, args, graph_extra=None):
     """Datasets of the in-weights task on any tree with all leaves at one depth (exp_treestar.py
     uses it too): `paths` are all root-to-leaf node lists, `edges` the [u, v] examples."""
     vocab = Vocab(graph.number_of_nodes())
@@ -164,12 +164,14 @@ def task_data(graph, root, paths, train_paths, test_paths, edges, args, **extra)
                        args.first_token_only)
     return dict(graph=graph, root=root, arms=paths, train_arms=train_paths, test_arms=test_paths,
                 vocab=vocab, edges=edges, edge_group=edge_group(edges, vocab), path_group=group,
-                train_targets=targets, **extra)
+                train_targets=targets, graph_extra=graph_extra or {})
 
 
-def make_evaluate(data, args, device):
+def make_evaluate(data, args, device, measure=None):
     """Greedy decoding from `prompt start-node` (the start node is the root, or the leaf when
-    reversed, and always known). Position 0 is scored from the prompt alone."""
+    reversed, and always known). Position 0 is scored from the prompt alone. `measure(split,
+    predicted, targets)` -> {name: value}, if given, adds a script's own measures of the (P, l)
+    predicted paths (exp_treestar: the share of last hops that pick a trained sibling leaf)."""
     splits = {}
     for split in ("test", "train"):
         arms = data[f"{split}_arms"]
@@ -179,22 +181,22 @@ def make_evaluate(data, args, device):
     def evaluate(model):
         res = {}
         for split, (prompts, targets) in splits.items():
-            start_ok = greedy_decode(model, prompts, 1, device)[:, 0] == targets[:, 0]
+            start = greedy_decode(model, prompts, 1, device)
             rest = greedy_decode(model, torch.cat([prompts, targets[:, :1]], 1), args.l - 1, device)
-            correct = torch.cat([start_ok[:, None], rest == targets[:, 1:]], 1).float()
+            predicted = torch.cat([start, rest], 1)
+            correct = (predicted == targets).float()
             res[f"{split}_first_token_acc"] = correct[:, 1].mean().item()
             res[f"{split}_path_acc"] = correct.all(1).float().mean().item()
             res[f"{split}_token_acc"] = correct.mean(0).tolist()
             # teacher-forced: each position given the true prefix, so a later hop can be right
             # while an earlier one is wrong (the reverse-cascade test of App. A.1.1)
             res[f"{split}_token_acc_tf"] = teacher_forced_acc(model, prompts, targets, device).tolist()
+            res.update(measure(split, predicted, targets) if measure else {})
         res["edge_acc"] = edge_recall(model, data["edges"], data["vocab"], device)
         res["chance_first_token"] = 1.0 / args.n
         emb = model.wte.weight[: data["vocab"].num_nodes].float()
         res["navigation_acc"], res["navigation_mean_rank"] = navigation_score(emb, data["test_arms"], data["arms"])
         res["chance_navigation_mean_rank"] = (args.n + 1) / 2
-        if "chance_by_depth" in data:
-            res["chance_token_acc"] = data["chance_by_depth"]
         return res
     return evaluate
 
@@ -252,7 +254,7 @@ def write_outputs(out, args, data, model, history, wall, device):
         "train_leaves": [a[-1] for a in data["train_arms"]],
         "test_leaves": [a[-1] for a in data["test_arms"]],
         "edge_examples": data["edges"].tolist(), "train_paths": data["train_targets"].tolist(),
-        **data.get("graph_extra", {})})
+        **data["graph_extra"]})
     emb = token_embeddings(model, data["vocab"].num_nodes)
     np.save(os.path.join(out, "embeddings.npy"), emb)
     label, chance = describe(args), 1.0 / args.n
@@ -291,9 +293,9 @@ def make_model(args, vocab_size):
                          position_std=1.0))
 
 
-def run(args, device, data=None):
+def run(args, device, data=None, measure=None):
     """One training run (or benchmark) of the configuration in `args` (on `data` if given,
-    else its path-star graph); returns its metrics."""
+    else its path-star graph; `measure`: see make_evaluate); returns its metrics."""
     seed_everything(args.seed)
     data = data or build(args)
     vocab = data["vocab"]
@@ -325,7 +327,7 @@ def run(args, device, data=None):
           f"{len(data['train_arms'])} train / {len(data['test_arms'])} held-out leaves; "
           f"{n_params / 1e6:.2f}M params on {device_name(device)}")
     t0 = time.time()
-    history = train(model, phases, weight_decay=args.weight_decay, evaluate=make_evaluate(data, args, device),
+    history = train(model, phases, weight_decay=args.weight_decay, evaluate=make_evaluate(data, args, device, measure),
                     eval_every=args.eval_every, device=device, seed=args.seed,
                     ckpt_path=os.path.join(args.out, "checkpoint.pt"), ckpt_every_s=args.ckpt_every,
                     resume=args.resume, config=vars(args), desc="path-star", compile=compile,

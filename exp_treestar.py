@@ -16,8 +16,8 @@ import time
 import numpy as np
 
 import exp_pathstar
-from common import (die, orient, pick_device, plot_panels, prepare_out, pyplot, save_figure, split_arms, tree_star,
-                    write_json)
+from common import (curve_band, die, orient, pick_device, plot_panels, prepare_out, pyplot, save_figure, split_arms,
+                    spread, tree_star, write_json, write_spread_csv)
 
 # CPU-sized preset: T(100, 2, 4) = 701 nodes, 400 leaves, with the path-star quick model
 QUICK = dict(exp_pathstar.QUICK, n=100, b=2, l=4)
@@ -47,10 +47,31 @@ def build(args, split):
         train, test = split_paths(paths, split, args.train_frac, args.seed)
     except ValueError as e:  # a bad --n / --b / --train-frac combination: a flag error, not a crash
         die(f"{split} split: {e}")
-    return exp_pathstar.task_data(
-        graph, root, paths, train, test, orient(edges, args.edges), args,
-        chance_by_depth=[1.0, 1.0 / args.n] + [1.0 / args.b] * (args.l - 2),  # one choice per depth
-        graph_extra={"all_paths": paths, "branching": args.b, "split": split})
+    return exp_pathstar.task_data(graph, root, paths, train, test, orient(edges, args.edges), args,
+                                  graph_extra={"all_paths": paths, "branching": args.b, "split": split})
+
+
+def tree_measure(data, args):
+    """Measures of a tree's decoded paths for exp_pathstar.make_evaluate: chance per decision depth
+    (1/d for the first hop, 1/b below) and the share of held-out paths whose greedy last hop is a
+    sibling leaf seen in training (the split-at-leaf failure: the model recalls the trained leaf
+    under the same parent)."""
+    chance = [1.0, 1.0 / args.n] + [1.0 / args.b] * (args.l - 2)
+    trained = {p[-1] for p in data["train_arms"]}
+    leaves_under = {}
+    for p in data["arms"]:
+        leaves_under.setdefault(p[-2], set()).add(p[-1])
+
+    def measure(split, predicted, targets):
+        if split != "test":
+            return {}
+        out = {"chance_token_acc": chance}
+        if not args.reverse_path and args.l > 2:
+            last, parent, own = predicted[:, -1].tolist(), targets[:, -2].tolist(), targets[:, -1].tolist()
+            out["test_last_hop_trained_sibling"] = float(np.mean(
+                [v != o and v in trained and v in leaves_under[p] for v, p, o in zip(last, parent, own)]))
+        return out
+    return measure
 
 
 def plot_tree(path, seed=0):
@@ -73,20 +94,16 @@ def plot_tree(path, seed=0):
     save_figure(fig, path, dpi=110)
 
 
-def main(argv=None):
-    args = exp_pathstar.get_args(argv, doc=__doc__, defaults=dict(n=1000, l=5), quick=QUICK,
-                                 add_flags=add_flags, sweeps=False)
-    if args.b < 1:
-        die("--b must be >= 1")
-    device = pick_device(args.device)
-    prepare_out(args.out)
+def run_splits(args, device):
+    """Both splits (or the one asked for) of one seed into --out/<split>/, with the figures."""
     splits = SPLITS if args.split == "both" else (args.split,)
     t0, results = time.time(), {}
     for split in splits:
         a = argparse.Namespace(**{**vars(args), "split": split, "out": os.path.join(args.out, split)})
         prepare_out(a.out)
         print(f"[split at {split.replace('_', ' ')}]")
-        results[split] = exp_pathstar.run(a, device, build(a, split))
+        data = build(a, split)
+        results[split] = exp_pathstar.run(a, device, data, tree_measure(data, a))
     if args.bench:
         return results
     write_json(os.path.join(args.out, "metrics.json"), {
@@ -113,6 +130,37 @@ def main(argv=None):
         print(f"split at {s}: held-out first token {f['test_first_token_acc']:.3f} (chance {chance:.4f}), "
               f"path {f['test_path_acc']:.3f}, per depth {np.round(f['test_token_acc'][1:], 3).tolist()}")
     return results
+
+
+def main(argv=None):
+    args = exp_pathstar.get_args(argv, doc=__doc__, defaults=dict(n=1000, l=5), quick=QUICK,
+                                 add_flags=add_flags, sweeps=False)
+    if args.b < 1:
+        die("--b must be >= 1")
+    device = pick_device(args.device)
+    prepare_out(args.out)
+    if not args.seeds:
+        return run_splits(args, device)
+    per_seed = {}  # --seeds: each seed in --out/seed<k>/, then the spread of the final metrics per split
+    for s in args.seeds:
+        a = argparse.Namespace(**{**vars(args), "seed": s, "seeds": None, "out": os.path.join(args.out, f"seed{s}")})
+        prepare_out(a.out)
+        per_seed[s] = run_splits(a, device)
+    seeds, splits = list(args.seeds), list(per_seed[args.seeds[0]])
+    table = {sp: spread({s: per_seed[s][sp]["history"][-1] for s in seeds}) for sp in splits}
+    write_spread_csv(os.path.join(args.out, "summary.csv"), table, seeds, "split")
+    write_json(os.path.join(args.out, "metrics.json"), {"config": vars(args), "seeds": seeds, "splits": table})
+    keys = [("test_first_token_acc", "held-out first token"), ("test_path_acc", "held-out full path"),
+            ("test_last_hop_trained_sibling", "last hop = a trained sibling leaf")]
+    plot_panels(os.path.join(args.out, "summary.png"), [
+        (label, "accuracy" if "acc" in key else "share", [
+            (lambda e, m, b: (e, m, f"split at {sp}", b))(*curve_band([per_seed[s][sp]["history"] for s in seeds], key))
+            for sp in splits], 1.0 / args.n if key == "test_first_token_acc" else None) for key, label in keys],
+        f"Tree-star {exp_pathstar.scale(args)}: mean over seeds {seeds}, band = min..max")
+    for sp in splits:
+        print(f"split at {sp}: " + ", ".join(f"{label} {table[sp][key]['mean']:.3f} [{table[sp][key]['min']:.3f}, "
+                                             f"{table[sp][key]['max']:.3f}]" for key, label in keys))
+    return per_seed
 
 
 if __name__ == "__main__":

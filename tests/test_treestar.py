@@ -1,7 +1,9 @@
+import argparse
 import json
 
 import networkx as nx
 import pytest
+import torch
 
 import exp_treestar
 from common import tree_star
@@ -65,3 +67,30 @@ def test_treestar_empty_split_is_a_flag_error(tmp_path, capsys):
         exp_treestar.main(["--quick", "--n", "2", "--b", "1", "--l", "2", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code != 0 and len(err) == 1 and "empty split" in err[0]
+
+
+def test_last_hop_sibling_measure_known_answer():
+    """Of three held-out paths, one ends on its trained sibling leaf, one on its own leaf, one on a
+    trained leaf under another parent: share 1/3."""
+    args = argparse.Namespace(n=2, b=2, l=3, reverse_path=False)
+    _, root, paths, _ = tree_star(2, 2, 3, seed=0)  # 2 children, 2 leaves each
+    data = {"arms": paths, "train_arms": [paths[0], paths[2]]}
+    measure = exp_treestar.tree_measure(data, args)
+    test = torch.tensor([paths[1], paths[1], paths[3]])  # paths[1]'s sibling is paths[0] (trained)
+    predicted = test.clone()
+    predicted[0, -1] = paths[0][-1]  # the trained sibling
+    predicted[2, -1] = paths[0][-1]  # trained, but under the other parent
+    got = measure("test", predicted, test)
+    assert got["test_last_hop_trained_sibling"] == pytest.approx(1 / 3)
+    assert got["chance_token_acc"] == [1.0, 0.5, 0.5] and measure("train", predicted, test) == {}
+
+
+def test_treestar_seeds(tmp_path):
+    out = tmp_path / "seeds"
+    exp_treestar.main(["--quick", "--n", "6", "--epochs", "2", "--eval-every", "1", "--split", "leaf",
+                       "--seeds", "0", "1", "--out", str(out)])
+    m = json.load(open(out / "metrics.json"))
+    v = [json.load(open(out / f"seed{s}" / "leaf" / "metrics.json"))["final"]["test_last_hop_trained_sibling"]
+         for s in (0, 1)]
+    assert m["splits"]["leaf"]["test_last_hop_trained_sibling"]["mean"] == pytest.approx(sum(v) / 2)
+    assert (out / "summary.csv").exists() and (out / "summary.png").stat().st_size > 1000
