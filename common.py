@@ -424,6 +424,7 @@ class MambaConfig:
     d_conv: int = 4
     expand: int = 2
     freeze_embeddings: bool = False
+    block: str = "residual"  # or "authors": the release's block (see MambaLayer)
 
 
 class RMSNorm(nn.Module):
@@ -488,12 +489,18 @@ class MambaMixer(nn.Module):
 
 
 class MambaLayer(nn.Module):
+    """residual: x + mixer(RMSNorm(x)), the standard Mamba LM block. authors: mixer(LayerNorm(x)),
+    no residual, as the release's block (models/mamba.py there)."""
+
     def __init__(self, cfg):
         super().__init__()
-        self.norm, self.mixer = RMSNorm(cfg.n_embd), MambaMixer(cfg)
+        self.residual = cfg.block == "residual"
+        self.norm = RMSNorm(cfg.n_embd) if self.residual else nn.LayerNorm(cfg.n_embd)
+        self.mixer = MambaMixer(cfg)
 
     def forward(self, x, scan=selective_scan):
-        return x + self.mixer(self.norm(x), scan)
+        y = self.mixer(self.norm(x), scan)
+        return x + y if self.residual else y
 
 
 class Mamba(TiedLM):
@@ -501,14 +508,23 @@ class Mamba(TiedLM):
 
     def __init__(self, cfg):
         super().__init__()
+        if cfg.block not in ("residual", "authors"):
+            raise ValueError(f"unknown Mamba block {cfg.block!r}")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         nn.init.normal_(self.wte.weight, 0.0, 0.02)
         self.layers = nn.ModuleList(MambaLayer(cfg) for _ in range(cfg.n_layer))
-        self.norm_f = RMSNorm(cfg.n_embd)
-        for layer in self.layers:  # pre-norm residual: shrink each block's output by sqrt(depth)
-            with torch.no_grad():
-                layer.mixer.out_proj.weight /= math.sqrt(cfg.n_layer)
+        self.norm_f = RMSNorm(cfg.n_embd) if cfg.block == "residual" else nn.Identity()
+        with torch.no_grad():
+            for layer in self.layers:
+                if cfg.block == "residual":  # pre-norm residual: shrink each block's output by sqrt(depth)
+                    layer.mixer.out_proj.weight /= math.sqrt(cfg.n_layer)
+                else:  # the release's GPT-style init of every Linear, the dt bias zeroed too
+                    for m in layer.mixer.modules():
+                        if isinstance(m, nn.Linear):
+                            nn.init.normal_(m.weight, 0.0, 0.02)
+                            if m.bias is not None:
+                                nn.init.zeros_(m.bias)
         self.wte.weight.requires_grad_(not cfg.freeze_embeddings)
 
     def hidden(self, idx, scan=selective_scan):
@@ -529,7 +545,7 @@ class Mamba(TiedLM):
             x = self.wte(tok).float()
             for i, layer in enumerate(self.layers):
                 y, states[i] = layer.mixer.step(layer.norm(x), states[i])
-                x = x + y
+                x = x + y if layer.residual else y
             if t >= idx.shape[1] - 1:
                 out.append((self.norm_f(x) @ self.wte.weight.float().T).argmax(-1))
         return torch.stack(out, 1)
@@ -1327,12 +1343,14 @@ def neighbour_targets(A, device="cpu"):
     return torch.tensor(A / A.sum(1, keepdims=True), dtype=torch.float32, device=device)
 
 
-def train_node2vec(model, targets, steps, lr, optimizer="adam", snapshot_steps=(), desc="node2vec"):
+def train_node2vec(model, targets, steps, lr, optimizer="adam", snapshot_steps=(), desc="node2vec",
+                   loss_sum=False):
     """Full-batch training, constant lr, no weight decay (App. B.2.2). Not `train`: the degree-
     normalised objective is one soft-target (N, N) cross-entropy per step with nothing to sample,
     and App. F needs the exact parameters at chosen steps. adam = torch Adam, default betas (the
     paper's AdamW with weight decay 0); gd = plain gradient descent, the dynamics App. F analyses.
-    Returns one record per step in snapshot_steps and one for the final state (step `steps`):
+    loss_sum: the loss summed over source nodes instead of averaged (the release's; with gd it
+    is the mean's step at lr x N). Returns one record per step in snapshot_steps and one for the final state (step `steps`):
     step, loss, grad_norm, update_norm (relative size of that step's update; 0 at the end) and CPU
     copies of the parameters."""
     params = list(model.parameters())
@@ -1340,7 +1358,7 @@ def train_node2vec(model, targets, steps, lr, optimizer="adam", snapshot_steps=(
     snapshot_steps, records = set(snapshot_steps), []
     bar = tqdm(range(steps + 1), desc=desc, dynamic_ncols=True, mininterval=1.0, leave=False)
     for step in bar:
-        loss = model(targets)
+        loss = model(targets) * (len(targets) if loss_sum else 1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if step % 200 == 0:

@@ -48,6 +48,8 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-2, help="constant learning rate")
     p.add_argument("--optimizer", choices=["adam", "gd"], default="adam",
                    help="adam (the paper's) or plain full-batch gradient descent (App. F's dynamics)")
+    p.add_argument("--loss-sum", action="store_true",
+                   help="sum the loss over source nodes (the release, with --optimizer gd) instead of averaging")
     p.add_argument("--init-std", type=float, default=1.0, help="std of the normal init of E (and F)")
     p.add_argument("--widths", type=int, nargs="+", default=[8, 16, 64, 256, 1024], help="width study: widths")
     p.add_argument("--snapshots", type=int, default=80,
@@ -180,7 +182,7 @@ def fit(graph, args, device, width=None, tied=True, snapshot_steps=(), desc="nod
     seed_everything(args.seed)
     model = Node2Vec(Node2VecConfig(graph.number_of_nodes(), width or args.width, tied, args.init_std)).to(device)
     return train_node2vec(model, neighbour_targets(adjacency(graph), device), args.steps, args.lr, args.optimizer,
-                          snapshot_steps, desc)
+                          snapshot_steps, desc, loss_sum=args.loss_sum)
 
 
 def log_steps(steps, n):

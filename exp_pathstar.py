@@ -69,6 +69,9 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     m.add_argument("--d-state", type=int, default=16, help="Mamba: SSM state size per channel")
     m.add_argument("--d-conv", type=int, default=4, help="Mamba: causal conv width")
     m.add_argument("--expand", type=int, default=2, help="Mamba: inner channels = expand x width")
+    m.add_argument("--mamba-block", choices=["authors", "residual"], default="authors",
+                   help="Mamba: the release's block (LayerNorm, no residual, no final norm, GPT-style init with "
+                   "zero biases) or the standard residual RMSNorm block")
     m.add_argument("--positions", choices=["sinusoidal", "learned"], default="sinusoidal",
                    help="GPT positions: fixed sinusoidal (App. B.2.1) or a trained table initialized N(0, 1), "
                    "as the release's GPT")
@@ -286,7 +289,7 @@ def make_model(args, vocab_size):
     if args.model == "mamba":
         return Mamba(MambaConfig(vocab_size=vocab_size, n_layer=args.n_layer, n_embd=args.n_embd,
                                  d_state=args.d_state, d_conv=args.d_conv, expand=args.expand,
-                                 freeze_embeddings=args.freeze_embeddings))
+                                 freeze_embeddings=args.freeze_embeddings, block=args.mamba_block))
     return GPT(GPTConfig(vocab_size=vocab_size, block_size=args.pauses + args.l + 2, n_layer=args.n_layer,
                          n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
                          freeze_embeddings=args.freeze_embeddings, learned_positions=args.positions == "learned",

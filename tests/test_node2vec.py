@@ -127,6 +127,19 @@ def test_untied_model_and_gd():
     assert first["update_norm"] > 0 and last["update_norm"] == 0
 
 
+def test_summed_loss_is_the_mean_at_lr_times_n():
+    """The release's Node2Vec: gradient descent on the loss summed over sources. With gd this is
+    the mean's run at lr x N, step for step."""
+    A = adjacency(tiny_graph("cycle"))
+    runs = []
+    for lr, loss_sum in ((0.01, True), (0.01 * 15, False)):
+        torch.manual_seed(0)
+        model = Node2Vec(Node2VecConfig(15, width=8))
+        runs.append(train_node2vec(model, neighbour_targets(A), 20, lr, optimizer="gd", loss_sum=loss_sum)[-1])
+    assert torch.allclose(runs[0]["params"]["E"], runs[1]["params"]["E"], atol=1e-5)
+    assert runs[0]["loss"] == pytest.approx(15 * runs[1]["loss"], rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- the script
 
 
