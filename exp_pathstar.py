@@ -348,7 +348,14 @@ def run(args, device, data=None, measure=None):
 
 SUMMARY_KEYS = ["test_first_token_acc", "test_path_acc", "navigation_acc", "navigation_mean_rank",
                 "chance_first_token", "peak_test_first_token_acc", "peak_test_path_acc",
-                "train_first_token_acc", "train_path_acc", "edge_acc", "wall_time_s"]
+                "epochs_to_50", "epochs_to_90", "train_first_token_acc", "train_path_acc", "edge_acc",
+                "wall_time_s"]
+
+
+def epochs_to(history, level, key="test_first_token_acc"):
+    """The first evaluated epoch at which `key` reaches `level` (App. D.2's "faster convergence"),
+    or None if it never does."""
+    return next((h["epoch"] for h in history if h[key] >= level), None)
 
 
 def run_arm(args, device, threads=None):
@@ -390,7 +397,8 @@ def run_sweep(args, device):
         h = r["history"]
         row = {"arm": arm, **{k: v for k, v in h[-1].items() if not isinstance(v, list)},
                "peak_test_first_token_acc": max(x["test_first_token_acc"] for x in h),
-               "peak_test_path_acc": max(x["test_path_acc"] for x in h), "wall_time_s": r["wall_time_s"]}
+               "peak_test_path_acc": max(x["test_path_acc"] for x in h), "wall_time_s": r["wall_time_s"],
+               "epochs_to_50": epochs_to(h, 0.5), "epochs_to_90": epochs_to(h, 0.9)}
         rows.append({k: row[k] for k in ["arm"] + SUMMARY_KEYS})
     with open(os.path.join(args.out, "summary.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["arm"] + SUMMARY_KEYS)

@@ -148,6 +148,7 @@ def test_sweep_writes_arms_and_summary(tmp_path):
         assert (out / arm / "graph.json").exists() and (out / arm / "embeddings.npy").exists()
     lines = (out / "summary.csv").read_text().splitlines()
     assert lines[0].startswith("arm,test_first_token_acc,test_path_acc,navigation_acc")
+    assert "epochs_to_50,epochs_to_90" in lines[0]
     assert len(lines) == 3 and (out / "summary.png").stat().st_size > 1000
     again = exp_pathstar.main(TINY + ["--sweep", "frozen", "--epochs", "2", "--eval-every", "1",
                                       "--resume", "--out", str(out)])  # finished arms are kept
@@ -272,3 +273,9 @@ def test_learned_positions_start_unit_normal():
     model = exp_pathstar.make_model(args, 30)
     assert isinstance(model.wpe, torch.nn.Parameter) and 0.9 < model.wpe.std().item() < 1.1
     assert not isinstance(exp_pathstar.make_model(exp_pathstar.get_args(TINY), 30).wpe, torch.nn.Parameter)
+
+
+def test_epochs_to_level():
+    h = [{"epoch": e, "test_first_token_acc": a} for e, a in [(10, 0.1), (20, 0.6), (30, 0.95)]]
+    assert (exp_pathstar.epochs_to(h, 0.5), exp_pathstar.epochs_to(h, 0.9), exp_pathstar.epochs_to(h, 0.99)) == \
+        (20, 30, None)
