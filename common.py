@@ -1,14 +1,30 @@
 """Shared pieces of the experiments of "Deep sequence models tend to memorize geometrically;
-it is unclear why" (arXiv 2510.26745): graphs, token datasets, a nanoGPT-style Transformer,
-the training loop, evaluation helpers, benchmarking and plotting.
+it is unclear why" (arXiv 2510.26745). Science first, plumbing last:
+
+  graphs               path-star G(d, l), its leaf split, tree-star T(d, b, l)
+  tiny graphs          the four graphs of App. B.2.2 / C.3
+  graph spectra        adjacency, D^-1 A + A D^-1 - 2I and its eigenvectors (App. F, B.5)
+  tokens and datasets  vocabulary, edge and path examples as (X, Y) groups
+  Transformer          a nanoGPT-style GPT (and TiedLM, the forward every model trains with)
+  Mamba                a pure-PyTorch Mamba with a readable and a fast selective scan
+  Node2Vec             the 2-layer model of §4 and its full-batch trainer
+  training             sampler, fused AdamW, the sync-free step (eager / compiled / CUDA graph), train()
+  evaluation           greedy decoding and the rank measures (ties and NaN count against the model)
+  geometry             cosine similarities, the navigation score, token embeddings
+  flags and errors     one-line errors, presets, devices, output folders
+  checkpoints          save, resume, which flags may change on resume
+  seeds                mean / min / max over --seeds
+  benchmarking         --bench: step modes, MFU, launches
+  plotting             matplotlib helpers shared by every script's figures
 
 Shape glossary
   N   graph nodes; node id i is also token id i
   V   vocabulary size = N + len(SPECIALS)
   B   batch size (rows of one example group), T sequence length, C model width
-  M   loss positions in a batch (targets >= 0)
+  k   loss positions at the end of each row of a group (`loss_tail`)
 A "group" is a pair (X, Y) of LongTensors (B, T): inputs and next-token targets, -1 = no loss.
-All rows of a group have the same length, so batches carry no padding.
+All rows of a group have the same length, so batches carry no padding; training cuts Y to its
+last k positions, where every group has its losses, so logits are a static slice.
 """
 import argparse
 import json
@@ -24,73 +40,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
-
-# ----------------------------------------------------------------------------- flags and errors
-
-
-def die(msg):
-    """Bad input ends the run with one line on stderr and no traceback."""
-    print(f"{os.path.basename(sys.argv[0])}: error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-class ArgParser(argparse.ArgumentParser):
-    def __init__(self, *args, **kw):
-        super().__init__(*args, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
-
-    def error(self, message):
-        die(message)
-
-
-def preset_help(what, preset):
-    """--help text of a preset flag: the flags it sets."""
-    show = lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
-    return f"{what}: " + ", ".join(f"--{k.replace('_', '-')} {show(v)}" for k, v in preset.items()) + \
-        " (explicit flags still win)"
-
-
-def parse_with_presets(parser, presets, argv=None):
-    """Flags a preset (e.g. --quick) sets become defaults; flags given explicitly still win."""
-    known, _ = parser.parse_known_args(argv)
-    for name, values in presets.items():
-        if getattr(known, name, False):
-            parser.set_defaults(**values)
-    return parser.parse_args(argv)
-
-
-def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device {name} requested but CUDA is not available on this machine")
-    if name != "cpu" and not name.startswith("cuda"):
-        die(f"--device must be auto, cpu or cuda[:i], got {name!r}")
-    return name
-
-
-def prepare_out(path):
-    """Create --out and check it is writable before any work starts."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        die(f"cannot write to --out {path!r}: {e.strerror or e}")
-
-
-def write_json(path, obj):
-    tmp = path + ".tmp"  # write then rename: a killed run never leaves a half-written file
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-def seed_everything(seed):
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
 
 # ----------------------------------------------------------------------------- graphs
 
@@ -143,9 +92,127 @@ def tree_star(d, b, l, seed=0):
     return graph, root, paths.tolist(), edges
 
 
+# ----------------------------------------------------------------------------- tiny graphs
+# App. B.2.2 / C.3: the four tiny graphs, nodes 0..N-1 (graph.graph keeps what a plot needs).
+
+# the fixed irregular graph: a 12-cycle 0..11 with chords (1,3) and (5,8), and a K4 on 12..15
+IRREGULAR_EDGES = [(12, 15), (5, 8), (5, 6), (8, 9), (7, 8), (1, 3), (13, 14), (13, 15), (12, 14), (12, 13),
+                   (1, 2), (4, 5), (3, 4), (10, 11), (0, 1), (2, 3), (6, 7), (11, 0), (9, 10), (14, 15)]
+TINY_GRAPHS = ("path_star", "grid", "cycle", "irregular")
+
+
+def grid_graph(rows, cols):
+    """rows x cols lattice, node r * cols + c."""
+    graph = nx.Graph(shape=(rows, cols))
+    graph.add_nodes_from(range(rows * cols))
+    graph.add_edges_from((r * cols + c, r * cols + c + 1) for r in range(rows) for c in range(cols - 1))
+    graph.add_edges_from((r * cols + c, (r + 1) * cols + c) for r in range(rows - 1) for c in range(cols))
+    return graph
+
+
+def irregular_graph():
+    graph = nx.Graph()
+    graph.add_nodes_from(range(16))
+    graph.add_edges_from(IRREGULAR_EDGES)
+    return graph
+
+
+def with_self_edges(graph):
+    """A copy with a loop u -> u at every node (App. C.3.1, Fig. 25: self-edges damp zigzags)."""
+    graph = graph.copy()
+    graph.add_edges_from((v, v) for v in list(graph))
+    return graph
+
+
+def tiny_graph(name, self_edges=False, seed=0):
+    """path_star: G(4, 5), 17 nodes with the seeded random ids of `path_star` (root and arms in
+    graph.graph); grid: 4x4; cycle: 15 nodes; irregular: 16 nodes, 20 edges, two components."""
+    if name == "path_star":
+        graph, root, arms = path_star(4, 5, seed)
+        graph.graph.update(root=root, arms=arms)
+    elif name == "grid":
+        graph = grid_graph(4, 4)
+    elif name == "cycle":
+        graph = nx.cycle_graph(15)
+    elif name == "irregular":
+        graph = irregular_graph()
+    else:
+        raise ValueError(f"unknown tiny graph {name!r}; choose from {', '.join(TINY_GRAPHS)}")
+    return with_self_edges(graph) if self_edges else graph
+
+
+# ----------------------------------------------------------------------------- graph spectra
+# Conventions of App. F / B.5: A with a self loop counted once (one u -> u example), D = diag(A 1),
+# the spectral basis is the eigenvectors of D^-1 A + A D^-1 - 2I sorted from the top.
+
+DENSE_EIG_MAX = 2000  # above this many nodes, eigenpairs come from Lanczos (eigsh), top k only
+
+
+def adjacency(graph, sparse=False):
+    nodes = range(graph.number_of_nodes())
+    if sparse:
+        return nx.to_scipy_sparse_array(graph, nodelist=nodes, weight=None, format="csr").astype(np.float64)
+    return nx.to_numpy_array(graph, nodelist=nodes, weight=None)
+
+
+def walk_matrix(A):
+    """D^-1 A + A D^-1, symmetric: the neighbour targets (rows of D^-1 A) plus their transpose."""
+    d = np.asarray(A.sum(1)).ravel()
+    if not isinstance(A, np.ndarray):  # scipy sparse
+        import scipy.sparse
+        inv = scipy.sparse.diags(1.0 / d)
+        return (inv @ A + A @ inv).tocsr()
+    return A / d[:, None] + A / d[None, :]
+
+
+def neg_laplacian(A):
+    """D^-1 A + A D^-1 - 2I: minus the symmetrised random-walk Laplacian (App. F), so the top
+    eigenvectors (eigenvalue near 0) are the smooth, Fiedler-like ones."""
+    W = walk_matrix(A)
+    if isinstance(W, np.ndarray):
+        return W - 2 * np.eye(len(W))
+    import scipy.sparse
+    return (W - 2 * scipy.sparse.identity(W.shape[0])).tocsr()
+
+
+def laplacian_eigs(graph, k=None, dense_max=DENSE_EIG_MAX):
+    """Eigenpairs of `neg_laplacian`, largest eigenvalue first: (eigenvalues (k,), vectors (N, k)).
+    Dense eigh up to dense_max nodes (all N unless k is given), else the top k (default 200) by
+    scipy.sparse.linalg.eigsh."""
+    N = graph.number_of_nodes()
+    if N <= dense_max:
+        w, V = np.linalg.eigh(neg_laplacian(adjacency(graph)))
+        w, V = w[::-1][:k], V[:, ::-1][:, :k]
+    else:
+        from scipy.sparse.linalg import eigsh
+        w, V = eigsh(neg_laplacian(adjacency(graph, sparse=True)), k=min(k or 200, N - 1), which="LA")
+        order = np.argsort(-w)
+        w, V = w[order], V[:, order]
+    return np.ascontiguousarray(w), np.ascontiguousarray(V)
+
+
+def principal_angles(X, Y):
+    """Principal angles (radians, ascending) between the column spaces of X and Y."""
+    from scipy.linalg import subspace_angles
+    return np.sort(subspace_angles(X, Y))
+
+
+def spectral_energy(E, V):
+    """Share of ||E||_F^2 along each orthonormal column v_i of V: |E^T v_i|^2 / ||E||_F^2 (Fig. 7)."""
+    return ((V.T @ E) ** 2).sum(1) / (E ** 2).sum()
+
+
+def coefficient_matrix(A, P):
+    """App. F, Lemma 1: C = D^-1 A + A D^-1 - P - P^T with P = row-softmax(E E^T). The degree-
+    normalised log-likelihood summed over sources has gradient C E; the mean loss -C E / N."""
+    return walk_matrix(A) - P - P.T
+
+
 # ----------------------------------------------------------------------------- tokens and datasets
 
-SPECIALS = ("EDGE", "PATH", "PAUSE", "PAD", "BLANK")  # BLANK: teacherless answer input (App. A)
+# the paper's special tokens; PAD is never input here (a group has one length) but keeps the
+# vocabulary, and with it every init, that of the runs reported; BLANK: teacherless input (App. A)
+SPECIALS = ("EDGE", "PATH", "PAUSE", "PAD", "BLANK")
 
 
 class Vocab:
@@ -165,7 +232,8 @@ def orient(edges, direction):
 
 def arm_edges(arms, direction):
     """(E, 2) array of [u, v] edge examples along the arms of a path-star."""
-    return orient(np.array([(a[i], a[i + 1]) for a in arms for i in range(len(a) - 1)], dtype=np.int64), direction)
+    pairs = [(a[i], a[i + 1]) for a in arms for i in range(len(a) - 1)]
+    return orient(np.array(pairs, dtype=np.int64), direction)
 
 
 def edge_group(edges, vocab):
@@ -240,7 +308,8 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.resid_drop = nn.Dropout(cfg.dropout)
-        self.register_buffer("causal", torch.ones(cfg.block_size, cfg.block_size).tril().bool(), persistent=False)
+        causal = torch.ones(cfg.block_size, cfg.block_size).tril().bool()
+        self.register_buffer("causal", causal, persistent=False)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -446,7 +515,8 @@ class MambaMixer(nn.Module):
         self.dt_rank = math.ceil(cfg.n_embd / 16)
         self.in_proj = nn.Linear(cfg.n_embd, 2 * E, bias=False)
         # causal depthwise conv as d_conv shifted multiply-adds (CPU conv1d backward is slow)
-        self.conv_weight = nn.Parameter(torch.empty(E, cfg.d_conv).uniform_(-cfg.d_conv ** -0.5, cfg.d_conv ** -0.5))
+        bound = cfg.d_conv ** -0.5
+        self.conv_weight = nn.Parameter(torch.empty(E, cfg.d_conv).uniform_(-bound, bound))
         self.conv_bias = nn.Parameter(torch.zeros(E))
         self.x_proj = nn.Linear(E, self.dt_rank + 2 * n, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, E)
@@ -560,9 +630,76 @@ class Mamba(TiedLM):
         return 3 * (B * T * per_token + 2 * n_loss * c.n_embd * c.vocab_size)
 
 
-def token_embeddings(model, num_nodes):
-    """Node embeddings as an (N, C) numpy array, row i = node i."""
-    return model.wte.weight[:num_nodes].detach().float().cpu().numpy()
+# ----------------------------------------------------------------------------- Node2Vec
+
+
+@dataclass
+class Node2VecConfig:
+    num_nodes: int
+    width: int = 100  # §4: wide (no bottleneck); App. B.2.2 uses 100
+    tied: bool = True  # False: logits E F^T, which can express negative eigendirections (§4.4)
+    init_std: float = 1.0  # App. F Assumption 1: wide unit-normal rows are near-orthogonal, so P ~ I
+
+
+class Node2Vec(nn.Module):
+    """The 2-layer model of §4: embedding E, logits E E^T (tied) or E F^T (untied), full softmax."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.E = nn.Parameter(torch.randn(cfg.num_nodes, cfg.width) * cfg.init_std)
+        self.F = None if cfg.tied else nn.Parameter(torch.randn(cfg.num_nodes, cfg.width) * cfg.init_std)
+
+    def logits(self):
+        return self.E @ (self.E if self.F is None else self.F).T
+
+    def forward(self, targets):
+        """targets (N, N): row u = D^-1 A, uniform over u's neighbours. Every node is a source, its
+        loss averaged over its neighbours (App. F Eq. 1), then averaged over sources."""
+        return F.cross_entropy(self.logits(), targets)
+
+
+def neighbour_targets(A, device="cpu"):
+    A = np.asarray(A, dtype=np.float64)
+    return torch.tensor(A / A.sum(1, keepdims=True), dtype=torch.float32, device=device)
+
+
+def train_node2vec(model, targets, steps, lr, optimizer="adam", snapshot_steps=(), desc="node2vec",
+                   loss_sum=False):
+    """Full-batch training, constant lr, no weight decay (App. B.2.2). Not `train`: the degree-
+    normalised objective is one soft-target (N, N) cross-entropy per step with nothing to sample,
+    and App. F needs the exact parameters at chosen steps. adam = torch Adam, default betas (the
+    paper's AdamW with weight decay 0); gd = plain gradient descent, the dynamics App. F analyses.
+    loss_sum: the loss summed over source nodes instead of averaged (the release's; with gd it
+    is the mean's step at lr x N). Returns one record per step in snapshot_steps and one for the
+    final state (step `steps`): step, loss, grad_norm, update_norm (relative size of that step's
+    update; 0 at the end) and CPU copies of the parameters."""
+    params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr)
+    snapshot_steps, records = set(snapshot_steps), []
+    bar = tqdm(range(steps + 1), desc=desc, dynamic_ncols=True, mininterval=1.0, leave=False)
+    for step in bar:
+        loss = model(targets) * (len(targets) if loss_sum else 1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if step % 200 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step in snapshot_steps or step == steps:
+            before = [p.detach().clone() for p in params]
+            records.append({"step": step, "loss": loss.item(),
+                            "grad_norm": torch.sqrt(sum((p.grad ** 2).sum() for p in params)).item(),
+                            "params": {n: p.detach().cpu().double().clone()
+                                       for n, p in model.named_parameters()}})
+        if step == steps:
+            records[-1]["update_norm"] = 0.0
+            break
+        opt.step()
+        if records and records[-1]["step"] == step:
+            with torch.no_grad():
+                delta = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(params, before)))
+                records[-1]["update_norm"] = (delta / torch.sqrt(sum((b ** 2).sum() for b in before))).item()
+    bar.close()
+    return records
 
 
 # ----------------------------------------------------------------------------- training
@@ -755,9 +892,10 @@ def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, 
     schedule each), evaluates every `eval_every` epochs and at the end of each phase, writes a
     checkpoint after an evaluation when `ckpt_every_s` seconds have passed since the last one and
     at the end of each phase, and resumes from `ckpt_path` if asked. `compile`, `cuda_graph`: see
-    `Stepper`; `betas`, `decay_all`: see `make_optimizer`. Stops with one line on stderr (exit 2) when the training loss turns non-finite,
-    keeping the last checkpoint. With `time_limit_s`, returns early at the first evaluation after
-    that many seconds (of this process), with a checkpoint that `resume` continues from.
+    `Stepper`; `betas`, `decay_all`: see `make_optimizer`. Stops with one line on stderr (exit 2)
+    when the training loss turns non-finite, keeping the last checkpoint. With `time_limit_s`,
+    returns early at the first evaluation after that many seconds (of this process), with a
+    checkpoint that `resume` continues from.
     Returns the history: [{"epoch": e, "phase": name, "time_s": seconds, **evaluate(model)}, ...],
     time_s counting training and evaluation since the start, resumed runs included."""
     gen = torch.Generator().manual_seed(seed)
@@ -826,52 +964,6 @@ def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, 
                     return history
     bar.close()
     return history
-
-
-def get_rng_state():
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path, model, opt, epoch, history, gen, config):
-    tmp = path + ".tmp"
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                "history": history, "generator": gen.get_state(), "rng": get_rng_state(),
-                "config": config}, tmp)
-    os.replace(tmp, path)
-
-
-# flags that may differ between a run and its resumption
-RESUME_FREE = {"resume", "device", "out", "bench", "compile", "cuda_graph", "ckpt_every", "time_limit",
-               "parallel"}
-
-
-def config_diff(saved, config):
-    """Flags (sorted) on which two run configs differ, those free to change on resume excepted."""
-    saved, config = saved or {}, config or {}
-    return [k for k in sorted(set(saved) | set(config)) if k not in RESUME_FREE and saved.get(k) != config.get(k)]
-
-
-def load_checkpoint(path, config, device):
-    if not path or not os.path.exists(path):
-        die(f"--resume: no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        die(f"--resume: cannot read checkpoint {path}: {e}")
-    saved = ckpt.get("config") or {}
-    diff = config_diff(saved, config)
-    if diff:
-        k = diff[0]
-        die(f"--resume: checkpoint {path} was made with {k}={saved.get(k)!r}, this run has "
-            f"{k}={(config or {}).get(k)!r} ({len(diff)} flag(s) differ)")
-    return ckpt
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -990,6 +1082,174 @@ def navigation_score(emb, arms, all_arms):
     return (rank == 1).float().mean().item(), rank.mean().item()
 
 
+def token_embeddings(model, num_nodes):
+    """Node embeddings as an (N, C) numpy array, row i = node i."""
+    return model.wte.weight[:num_nodes].detach().float().cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- flags and errors
+
+
+def die(msg):
+    """Bad input ends the run with one line on stderr and no traceback."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+class ArgParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kw):
+        super().__init__(*args, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+
+    def error(self, message):
+        die(message)
+
+
+def preset_help(what, preset):
+    """--help text of a preset flag: the flags it sets."""
+    show = lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+    return f"{what}: " + ", ".join(f"--{k.replace('_', '-')} {show(v)}" for k, v in preset.items()) + \
+        " (explicit flags still win)"
+
+
+def parse_with_presets(parser, presets, argv=None):
+    """Flags a preset (e.g. --quick) sets become defaults; flags given explicitly still win."""
+    known, _ = parser.parse_known_args(argv)
+    for name, values in presets.items():
+        if getattr(known, name, False):
+            parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def add_adamw_flags(group, source):
+    """--betas and --grad-clip with the defaults of `source`, a release whose AdamW is torch's
+    default (betas (0.9, 0.999)) with no clipping (both releases this toolkit follows)."""
+    group.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], metavar=("B1", "B2"),
+                       help=f"AdamW betas ({source}: torch's default)")
+    group.add_argument("--grad-clip", type=float, default=0.0,
+                       help=f"clip the gradient norm (0 = off, as {source})")
+
+
+def pick_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {name} requested but CUDA is not available on this machine")
+    if name != "cpu" and not name.startswith("cuda"):
+        die(f"--device must be auto, cpu or cuda[:i], got {name!r}")
+    return name
+
+
+def prepare_out(path):
+    """Create --out and check it is writable before any work starts."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        die(f"cannot write to --out {path!r}: {e.strerror or e}")
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"  # write then rename: a killed run never leaves a half-written file
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def seed_everything(seed):
+    """torch's global RNG (inits, dropout); numpy draws come from seeded default_rng generators."""
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def get_rng_state():
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, model, opt, epoch, history, gen, config):
+    tmp = path + ".tmp"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                "history": history, "generator": gen.get_state(), "rng": get_rng_state(),
+                "config": config}, tmp)
+    os.replace(tmp, path)
+
+
+# flags that may differ between a run and its resumption
+RESUME_FREE = {"resume", "device", "out", "bench", "compile", "cuda_graph", "ckpt_every", "time_limit",
+               "parallel"}
+
+
+def config_diff(saved, config):
+    """Flags (sorted) on which two run configs differ, those free to change on resume excepted."""
+    saved, config = saved or {}, config or {}
+    keys = sorted(set(saved) | set(config))
+    return [k for k in keys if k not in RESUME_FREE and saved.get(k) != config.get(k)]
+
+
+def load_checkpoint(path, config, device):
+    if not path or not os.path.exists(path):
+        die(f"--resume: no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        die(f"--resume: cannot read checkpoint {path}: {e}")
+    saved = ckpt.get("config") or {}
+    diff = config_diff(saved, config)
+    if diff:
+        k = diff[0]
+        die(f"--resume: checkpoint {path} was made with {k}={saved.get(k)!r}, this run has "
+            f"{k}={(config or {}).get(k)!r} ({len(diff)} flag(s) differ)")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def spread(values_by_seed):
+    """{seed: {metric: number}} -> {metric: {"mean", "min", "max", "values": {seed: v}}} over the
+    metrics that every seed has as a number (lists and strings are skipped)."""
+    seeds = list(values_by_seed)
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    keys = [k for k in values_by_seed[seeds[0]] if all(number(values_by_seed[s].get(k)) for s in seeds)]
+    out = {}
+    for k in keys:
+        v = np.array([values_by_seed[s][k] for s in seeds], dtype=float)
+        out[k] = {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()),
+                  "values": {str(s): values_by_seed[s][k] for s in seeds}}
+    return out
+
+
+def write_spread_csv(path, table, seeds, label="run"):
+    """table: {name: spread(...)} (one name per run or sweep arm) -> one line per (name, metric):
+    mean, min, max, then each seed's value."""
+    import csv
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([label, "metric", "mean", "min", "max"] + [f"seed{s}" for s in seeds])
+        for name, metrics in table.items():
+            for k, m in metrics.items():
+                w.writerow([name, k, m["mean"], m["min"], m["max"]] + [m["values"][str(s)] for s in seeds])
+
+
+def curve_band(histories, key):
+    """Mean, min and max of history[key] over seeds, at the epochs every seed evaluated."""
+    epochs = sorted(set.intersection(*({h["epoch"] for h in hist} for hist in histories)))
+    at = [{h["epoch"]: h[key] for h in hist} for hist in histories]
+    v = np.array([[a[e] for e in epochs] for a in at], dtype=float)
+    return epochs, v.mean(0), (v.min(0), v.max(0))
+
+
 # ----------------------------------------------------------------------------- benchmarking
 
 
@@ -1016,7 +1276,8 @@ def sync(device):
 def bench_modes(device):
     """(name, compile, cuda_graph) of every step mode this device has."""
     if str(device).startswith("cuda"):
-        return [("eager", False, False), ("graph", False, True), ("compiled", True, False), ("compiled+graph", True, True)]
+        return [("eager", False, False), ("graph", False, True), ("compiled", True, False),
+                ("compiled+graph", True, True)]
     return [("eager", False, False), ("compiled", True, False)]
 
 
@@ -1065,7 +1326,8 @@ def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes
         sync(device)
         dt = (time.perf_counter() - t) / steps
         res["modes"][name] = {
-            "ms_per_step": 1e3 * dt, "ms_per_epoch": 1e3 * dt * sampler.steps_per_epoch, "seqs_per_s": seqs / dt,
+            "ms_per_step": 1e3 * dt, "ms_per_epoch": 1e3 * dt * sampler.steps_per_epoch,
+            "seqs_per_s": seqs / dt,
             "model_flops_per_s": flops / dt, "mfu": flops / dt / peak, "warmup_s": setup,
             "launches_per_step": count_launches(lambda: step(rows[-1]), device),
             "cuda_graph": step.graph is not None,
@@ -1085,43 +1347,6 @@ def device_name(device):
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_name(device)
     return f"cpu ({os.cpu_count()} cores)"
-
-
-# ----------------------------------------------------------------------------- seeds
-
-
-def spread(values_by_seed):
-    """{seed: {metric: number}} -> {metric: {"mean", "min", "max", "values": {seed: v}}} over the
-    metrics that every seed has as a number (lists and strings are skipped)."""
-    seeds = list(values_by_seed)
-    keys = [k for k, v in values_by_seed[seeds[0]].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and all(isinstance(values_by_seed[s].get(k), (int, float)) for s in seeds)]
-    out = {}
-    for k in keys:
-        v = np.array([values_by_seed[s][k] for s in seeds], dtype=float)
-        out[k] = {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()),
-                  "values": {str(s): values_by_seed[s][k] for s in seeds}}
-    return out
-
-
-def write_spread_csv(path, table, seeds, label="run"):
-    """table: {name: spread(...)} (one name per run or sweep arm) -> one line per (name, metric):
-    mean, min, max, then each seed's value."""
-    import csv
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([label, "metric", "mean", "min", "max"] + [f"seed{s}" for s in seeds])
-        for name, metrics in table.items():
-            for k, m in metrics.items():
-                w.writerow([name, k, m["mean"], m["min"], m["max"]] + [m["values"][str(s)] for s in seeds])
-
-
-def curve_band(histories, key):
-    """Mean, min and max of history[key] over seeds, at the epochs every seed evaluated."""
-    epochs = sorted(set.intersection(*({h["epoch"] for h in hist} for hist in histories)))
-    at = [{h["epoch"]: h[key] for h in hist} for hist in histories]
-    v = np.array([[a[e] for e in epochs] for a in at], dtype=float)
-    return epochs, v.mean(0), (v.min(0), v.max(0))
 
 
 # ----------------------------------------------------------------------------- plotting
@@ -1190,191 +1415,5 @@ def plot_panels(path, panels, title, xlabel="epoch"):
 def plot_curves(path, history, series, title, ylabel="accuracy", chance=None):
     """One panel: a line per (key, label) of `series` over the history's epochs."""
     x = [h["epoch"] for h in history]
-    plot_panels(path, [(None, ylabel, [(x, [h[k] for h in history], label) for k, label in series], chance)], title)
-
-
-# ----------------------------------------------------------------------------- tiny graphs
-# App. B.2.2 / C.3: the four tiny graphs, nodes 0..N-1 (graph.graph keeps what a plot needs).
-
-# the fixed irregular graph: a 12-cycle 0..11 with chords (1,3) and (5,8), and a K4 on 12..15
-IRREGULAR_EDGES = [(12, 15), (5, 8), (5, 6), (8, 9), (7, 8), (1, 3), (13, 14), (13, 15), (12, 14), (12, 13),
-                   (1, 2), (4, 5), (3, 4), (10, 11), (0, 1), (2, 3), (6, 7), (11, 0), (9, 10), (14, 15)]
-TINY_GRAPHS = ("path_star", "grid", "cycle", "irregular")
-
-
-def grid_graph(rows, cols):
-    """rows x cols lattice, node r * cols + c."""
-    graph = nx.Graph(shape=(rows, cols))
-    graph.add_nodes_from(range(rows * cols))
-    graph.add_edges_from((r * cols + c, r * cols + c + 1) for r in range(rows) for c in range(cols - 1))
-    graph.add_edges_from((r * cols + c, (r + 1) * cols + c) for r in range(rows - 1) for c in range(cols))
-    return graph
-
-
-def irregular_graph():
-    graph = nx.Graph()
-    graph.add_nodes_from(range(16))
-    graph.add_edges_from(IRREGULAR_EDGES)
-    return graph
-
-
-def with_self_edges(graph):
-    """A copy with a loop u -> u at every node (App. C.3.1, Fig. 25: self-edges damp zigzags)."""
-    graph = graph.copy()
-    graph.add_edges_from((v, v) for v in list(graph))
-    return graph
-
-
-def tiny_graph(name, self_edges=False, seed=0):
-    """path_star: G(4, 5), 17 nodes with the seeded random ids of `path_star` (root and arms in
-    graph.graph); grid: 4x4; cycle: 15 nodes; irregular: 16 nodes, 20 edges, two components."""
-    if name == "path_star":
-        graph, root, arms = path_star(4, 5, seed)
-        graph.graph.update(root=root, arms=arms)
-    elif name == "grid":
-        graph = grid_graph(4, 4)
-    elif name == "cycle":
-        graph = nx.cycle_graph(15)
-    elif name == "irregular":
-        graph = irregular_graph()
-    else:
-        raise ValueError(f"unknown tiny graph {name!r}; choose from {', '.join(TINY_GRAPHS)}")
-    return with_self_edges(graph) if self_edges else graph
-
-
-# ----------------------------------------------------------------------------- graph spectra
-# Conventions of App. F / B.5: A with a self loop counted once (one u -> u example), D = diag(A 1),
-# the spectral basis is the eigenvectors of D^-1 A + A D^-1 - 2I sorted from the top.
-
-DENSE_EIG_MAX = 2000  # above this many nodes, eigenpairs come from Lanczos (eigsh), top k only
-
-
-def adjacency(graph, sparse=False):
-    nodes = range(graph.number_of_nodes())
-    if sparse:
-        return nx.to_scipy_sparse_array(graph, nodelist=nodes, weight=None, format="csr").astype(np.float64)
-    return nx.to_numpy_array(graph, nodelist=nodes, weight=None)
-
-
-def walk_matrix(A):
-    """D^-1 A + A D^-1, symmetric: the neighbour targets (rows of D^-1 A) plus their transpose."""
-    d = np.asarray(A.sum(1)).ravel()
-    if not isinstance(A, np.ndarray):  # scipy sparse
-        import scipy.sparse
-        inv = scipy.sparse.diags(1.0 / d)
-        return (inv @ A + A @ inv).tocsr()
-    return A / d[:, None] + A / d[None, :]
-
-
-def neg_laplacian(A):
-    """D^-1 A + A D^-1 - 2I: minus the symmetrised random-walk Laplacian (App. F), so the top
-    eigenvectors (eigenvalue near 0) are the smooth, Fiedler-like ones."""
-    W = walk_matrix(A)
-    if isinstance(W, np.ndarray):
-        return W - 2 * np.eye(len(W))
-    import scipy.sparse
-    return (W - 2 * scipy.sparse.identity(W.shape[0])).tocsr()
-
-
-def laplacian_eigs(graph, k=None, dense_max=DENSE_EIG_MAX):
-    """Eigenpairs of `neg_laplacian`, largest eigenvalue first: (eigenvalues (k,), vectors (N, k)).
-    Dense eigh up to dense_max nodes (all N unless k is given), else the top k (default 200) by
-    scipy.sparse.linalg.eigsh."""
-    N = graph.number_of_nodes()
-    if N <= dense_max:
-        w, V = np.linalg.eigh(neg_laplacian(adjacency(graph)))
-        w, V = w[::-1][:k], V[:, ::-1][:, :k]
-    else:
-        from scipy.sparse.linalg import eigsh
-        w, V = eigsh(neg_laplacian(adjacency(graph, sparse=True)), k=min(k or 200, N - 1), which="LA")
-        order = np.argsort(-w)
-        w, V = w[order], V[:, order]
-    return np.ascontiguousarray(w), np.ascontiguousarray(V)
-
-
-def principal_angles(X, Y):
-    """Principal angles (radians, ascending) between the column spaces of X and Y."""
-    from scipy.linalg import subspace_angles
-    return np.sort(subspace_angles(X, Y))
-
-
-def spectral_energy(E, V):
-    """Share of ||E||_F^2 along each orthonormal column v_i of V: |E^T v_i|^2 / ||E||_F^2 (Fig. 7)."""
-    return ((V.T @ E) ** 2).sum(1) / (E ** 2).sum()
-
-
-def coefficient_matrix(A, P):
-    """App. F, Lemma 1: C = D^-1 A + A D^-1 - P - P^T with P = row-softmax(E E^T). The degree-
-    normalised log-likelihood summed over sources has gradient C E; the mean loss -C E / N."""
-    return walk_matrix(A) - P - P.T
-
-
-# ----------------------------------------------------------------------------- Node2Vec
-
-
-@dataclass
-class Node2VecConfig:
-    num_nodes: int
-    width: int = 100  # §4: wide (no bottleneck); App. B.2.2 uses 100
-    tied: bool = True  # False: logits E F^T, which can express negative eigendirections (§4.4)
-    init_std: float = 1.0  # App. F Assumption 1: wide unit-normal rows are near-orthogonal, so P ~ I
-
-
-class Node2Vec(nn.Module):
-    """The 2-layer model of §4: embedding E, logits E E^T (tied) or E F^T (untied), full softmax."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.E = nn.Parameter(torch.randn(cfg.num_nodes, cfg.width) * cfg.init_std)
-        self.F = None if cfg.tied else nn.Parameter(torch.randn(cfg.num_nodes, cfg.width) * cfg.init_std)
-
-    def logits(self):
-        return self.E @ (self.E if self.F is None else self.F).T
-
-    def forward(self, targets):
-        """targets (N, N): row u = D^-1 A, uniform over u's neighbours. Every node is a source, its
-        loss averaged over its neighbours (App. F Eq. 1), then averaged over sources."""
-        return F.cross_entropy(self.logits(), targets)
-
-
-def neighbour_targets(A, device="cpu"):
-    A = np.asarray(A, dtype=np.float64)
-    return torch.tensor(A / A.sum(1, keepdims=True), dtype=torch.float32, device=device)
-
-
-def train_node2vec(model, targets, steps, lr, optimizer="adam", snapshot_steps=(), desc="node2vec",
-                   loss_sum=False):
-    """Full-batch training, constant lr, no weight decay (App. B.2.2). Not `train`: the degree-
-    normalised objective is one soft-target (N, N) cross-entropy per step with nothing to sample,
-    and App. F needs the exact parameters at chosen steps. adam = torch Adam, default betas (the
-    paper's AdamW with weight decay 0); gd = plain gradient descent, the dynamics App. F analyses.
-    loss_sum: the loss summed over source nodes instead of averaged (the release's; with gd it
-    is the mean's step at lr x N). Returns one record per step in snapshot_steps and one for the final state (step `steps`):
-    step, loss, grad_norm, update_norm (relative size of that step's update; 0 at the end) and CPU
-    copies of the parameters."""
-    params = list(model.parameters())
-    opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr)
-    snapshot_steps, records = set(snapshot_steps), []
-    bar = tqdm(range(steps + 1), desc=desc, dynamic_ncols=True, mininterval=1.0, leave=False)
-    for step in bar:
-        loss = model(targets) * (len(targets) if loss_sum else 1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if step % 200 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step in snapshot_steps or step == steps:
-            before = [p.detach().clone() for p in params]
-            records.append({"step": step, "loss": loss.item(),
-                            "grad_norm": torch.sqrt(sum((p.grad ** 2).sum() for p in params)).item(),
-                            "params": {n: p.detach().cpu().double().clone() for n, p in model.named_parameters()}})
-        if step == steps:
-            records[-1]["update_norm"] = 0.0
-            break
-        opt.step()
-        if records and records[-1]["step"] == step:
-            with torch.no_grad():
-                delta = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(params, before)))
-                records[-1]["update_norm"] = (delta / torch.sqrt(sum((b ** 2).sum() for b in before))).item()
-    bar.close()
-    return records
+    lines = [(x, [h[k] for h in history], label) for k, label in series]
+    plot_panels(path, [(None, ylabel, lines, chance)], title)

@@ -20,9 +20,9 @@ import time
 import numpy as np
 import torch
 
-from common import (GPT, ArgParser, GPTConfig, Phase, Vocab, autocast, config_diff, device_name, die,
-                    greedy_decode, loss_tail, parse_with_presets, preset_help, pick_device, plot_panels, prepare_out,
-                    seed_everything, token_embeddings, train, write_json)
+from common import (GPT, ArgParser, GPTConfig, Phase, Vocab, add_adamw_flags, autocast, config_diff,
+                    device_name, die, greedy_decode, loss_tail, parse_with_presets, pick_device, plot_panels,
+                    prepare_out, preset_help, seed_everything, token_embeddings, train, write_json)
 
 MODES = ("standard", "teacherless", "reverse")
 
@@ -59,9 +59,7 @@ def get_args(argv=None):
     o.add_argument("--final-lr-frac", type=float, default=1.0,
                    help="the cosine decays the learning rate to this fraction of --lr (1 = constant after warm-up, "
                         "as B&N'24's schedule is in effect: its decay horizon counts samples, not steps)")
-    o.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], metavar=("B1", "B2"),
-                   help="AdamW betas (B&N'24: torch's default)")
-    o.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0 = off, as B&N'24)")
+    add_adamw_flags(o, "B&N'24")
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (B&N'24 train with none)")
     o.add_argument("--batch-size", type=int, default=256, help="sequences per step")
     o.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")

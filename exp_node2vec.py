@@ -21,11 +21,11 @@ import time
 import numpy as np
 import torch
 
-from common import (ArgParser, Node2Vec, Node2VecConfig, TINY_GRAPHS, adjacency, coefficient_matrix, device_name,
-                    die, edge_margin, grid_graph, laplacian_eigs, logit_recall, navigation_score, neighbour_targets,
-                    parse_with_presets,
-                    preset_help, path_star, pick_device, prepare_out, principal_angles, pyplot, save_figure,
-                    seed_everything, spectral_energy, tiny_graph, train_node2vec, with_self_edges, write_json)
+from common import (TINY_GRAPHS, ArgParser, Node2Vec, Node2VecConfig, adjacency, coefficient_matrix,
+                    device_name, die, edge_margin, grid_graph, laplacian_eigs, logit_recall, navigation_score,
+                    neighbour_targets, parse_with_presets, path_star, pick_device, prepare_out, preset_help,
+                    principal_angles, pyplot, save_figure, seed_everything, spectral_energy, tiny_graph,
+                    train_node2vec, with_self_edges, write_json)
 
 LARGE_GRAPHS = ("path_star_large", "grid_large")
 GRAPHS = TINY_GRAPHS + LARGE_GRAPHS

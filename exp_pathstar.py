@@ -14,11 +14,12 @@ import time
 import numpy as np
 import torch
 
-from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Phase, Vocab, arm_edges, autocast, benchmark,
-                    config_diff, curve_band, device_name, die, edge_group, edge_recall, greedy_decode,
-                    navigation_score, parse_with_presets, preset_help, path_group, path_prompts, path_star,
+from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Phase, Vocab, add_adamw_flags, arm_edges,
+                    autocast, benchmark, config_diff, curve_band, device_name, die, edge_group, edge_recall,
+                    greedy_decode, navigation_score, parse_with_presets, path_group, path_prompts, path_star,
                     path_targets, pick_device, plot_cosine_heatmap, plot_curves, plot_panels, prepare_out,
-                    seed_everything, split_arms, spread, token_embeddings, train, write_json, write_spread_csv)
+                    preset_help, seed_everything, split_arms, spread, token_embeddings, train, write_json,
+                    write_spread_csv)
 
 # CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (see README, "Finding a quick setting").
 # It keeps nanoGPT's AdamW (betas 0.95, clipping at 1, no decay on biases and norms): over seeds 0-2
@@ -84,9 +85,7 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     o.add_argument("--decay", choices=["all", "matrices"], default="all",
                    help="parameters that get weight decay: every one (the release) or matrices and embeddings "
                    "(nanoGPT)")
-    o.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], metavar=("B1", "B2"),
-                   help="AdamW betas (the release: torch's default)")
-    o.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0 = off, as the release)")
+    add_adamw_flags(o, "the release")
     o.add_argument("--batch-size", type=int, default=2048, help="sequences per step")
     o.add_argument("--warmup", type=int, default=1000, help="linear warm-up steps")
     o.add_argument("--edge-epochs", type=int, default=2500, help="staged recipe: epochs of the edge phase")

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common import (GPT, TINY_GRAPHS, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig, Phase,
-                    TiedLM, Vocab, adjacency, arm_edges, cosine_matrix, device_name, die, edge_group, edge_margin,
-                    edge_margin_authors, edge_recall, laplacian_eigs, logit_recall, neighbour_targets,
-                    parse_with_presets, pick_device, prepare_out, pyplot, save_figure, seed_everything, tiny_graph,
-                    token_embeddings, train, train_node2vec, write_json)
+from common import (GPT, TINY_GRAPHS, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig,
+                    Phase, TiedLM, Vocab, adjacency, arm_edges, cosine_matrix, device_name, die, edge_group,
+                    edge_margin, edge_margin_authors, edge_recall, laplacian_eigs, logit_recall,
+                    neighbour_targets, parse_with_presets, pick_device, prepare_out, pyplot, save_figure,
+                    seed_everything, tiny_graph, token_embeddings, train, train_node2vec, write_json)
 
 MODELS = ("tinygpt", "tinynn", "tinyssm", "associative_gpt", "associative_nn", "node2vec")
 STUDIES = ("main", "speed", "regularizers", "forward-only")

@@ -16,8 +16,8 @@ import time
 import numpy as np
 
 import exp_pathstar
-from common import (curve_band, die, orient, pick_device, plot_panels, prepare_out, pyplot, save_figure, split_arms,
-                    spread, tree_star, write_json, write_spread_csv)
+from common import (curve_band, die, orient, pick_device, plot_panels, prepare_out, pyplot, save_figure,
+                    split_arms, spread, tree_star, write_json, write_spread_csv)
 
 # CPU-sized preset: T(100, 2, 4) = 701 nodes, 400 leaves, with the path-star quick model
 QUICK = dict(exp_pathstar.QUICK, n=100, b=2, l=4)
