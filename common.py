@@ -654,9 +654,15 @@ class Node2Vec(nn.Module):
         return self.E @ (self.E if self.F is None else self.F).T
 
     def forward(self, targets):
-        """targets (N, N): row u = D^-1 A, uniform over u's neighbours. Every node is a source, its
-        loss averaged over its neighbours (App. F Eq. 1), then averaged over sources."""
-        return F.cross_entropy(self.logits(), targets)
+        return node2vec_loss(self.E, targets, self.F)
+
+
+def node2vec_loss(E, targets, F_out=None):
+    """The 1-hop Node2Vec objective of §4 for node embeddings E (N, C): targets (N, N), row u =
+    D^-1 A, uniform over u's neighbours; every node is a source, its loss averaged over its
+    neighbours (App. F Eq. 1), then over sources. Tied logits E E^T, or E F^T. `Node2Vec` trains
+    it alone; exp_pathstar's --aux-weight adds it to a sequence model's loss."""
+    return F.cross_entropy(E @ (E if F_out is None else F_out).T, targets)
 
 
 def neighbour_targets(A, device="cpu"):
@@ -798,9 +804,10 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda"))
 
 
-def train_step(forward, params, opt, batch, grad_clip, stats):
+def train_step(forward, params, opt, batch, grad_clip, stats, aux=None):
     """One AdamW step on a batch (a list of (X, Y) groups, Y cut by `loss_tail`); the loss is
-    the mean over every loss token of the batch. No host-device sync: counts stay on the device
+    the mean over every loss token of the batch, plus `aux()` if given (an extra loss on the
+    weights, e.g. exp_pathstar's --aux-weight). No host-device sync: counts stay on the device
     and (loss sum, correct, tokens) are added to `stats` in place, so the whole step can be
     replayed from a CUDA graph. `forward` is the model or its compiled version."""
     opt.zero_grad(set_to_none=True)
@@ -812,7 +819,7 @@ def train_step(forward, params, opt, batch, grad_clip, stats):
         loss_sum = loss_sum + loss * n
         correct = correct + (logits.argmax(-1) == Y).sum()  # Y = -1 never equals an argmax
         count = count + n
-    (loss_sum / count).backward()
+    ((loss_sum / count) + (aux() if aux else 0)).backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     opt.step()
@@ -831,8 +838,8 @@ class Stepper:
     With a CUDA graph the first `warmup` steps run on a side stream, as capture needs; they are
     ordinary training steps, so every mode trains the same steps."""
 
-    def __init__(self, model, opt, groups, grad_clip, compile=False, cuda_graph=False, warmup=3):
-        self.model, self.opt, self.groups, self.grad_clip = model, opt, groups, grad_clip
+    def __init__(self, model, opt, groups, grad_clip, compile=False, cuda_graph=False, warmup=3, aux=None):
+        self.model, self.opt, self.groups, self.grad_clip, self.aux = model, opt, groups, grad_clip, aux
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.forward = torch.compile(model, dynamic=False) if compile else model
         self.capture, self.warmup, self.steps = cuda_graph, warmup, 0
@@ -859,7 +866,8 @@ class Stepper:
 
     def _eager(self, rows):
         try:
-            train_step(self.forward, self.params, self.opt, take(self.groups, rows), self.grad_clip, self.stats)
+            train_step(self.forward, self.params, self.opt, take(self.groups, rows), self.grad_clip, self.stats,
+                       self.aux)
         except Exception as e:
             if self.forward is self.model or self.steps > 0:
                 raise
@@ -874,7 +882,7 @@ class Stepper:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                train_step(self.forward, self.params, self.opt, self.static, self.grad_clip, self.stats)
+                train_step(self.forward, self.params, self.opt, self.static, self.grad_clip, self.stats, self.aux)
         except Exception as e:  # capture breaks on ops that sync; train on without it
             print(f"warning: CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
                   f"training without it", file=sys.stderr)
@@ -887,12 +895,12 @@ class Stepper:
 
 def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, ckpt_path=None,
           ckpt_every_s=600, resume=False, config=None, desc="train", compile=False, cuda_graph=False,
-          betas=(0.9, 0.95), decay_all=False, time_limit_s=None):
+          betas=(0.9, 0.95), decay_all=False, time_limit_s=None, aux=None):
     """The one training loop of the repository. Runs the phases in order (a fresh AdamW and
     schedule each), evaluates every `eval_every` epochs and at the end of each phase, writes a
     checkpoint after an evaluation when `ckpt_every_s` seconds have passed since the last one and
     at the end of each phase, and resumes from `ckpt_path` if asked. `compile`, `cuda_graph`: see
-    `Stepper`; `betas`, `decay_all`: see `make_optimizer`. Stops with one line on stderr (exit 2)
+    `Stepper`; `betas`, `decay_all`: see `make_optimizer`; `aux`: see `train_step`. Stops with one line on stderr (exit 2)
     when the training loss turns non-finite, keeping the last checkpoint. With `time_limit_s`,
     returns early at the first evaluation after that many seconds (of this process), with a
     checkpoint that `resume` continues from.
@@ -926,7 +934,7 @@ def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, 
             for g, lr in zip(opt.param_groups, lr_tensors):  # keep the device lr that set_lr writes
                 g["lr"] = lr
             opt_state = None
-        step = Stepper(model, opt, sampler.groups, phase.grad_clip, compile, cuda_graph)
+        step = Stepper(model, opt, sampler.groups, phase.grad_clip, compile, cuda_graph, aux=aux)
         total = phase.epochs * sampler.steps_per_epoch
         posted = bar.n
         model.train()
@@ -1064,6 +1072,35 @@ def cosine_matrix(a, b=None):
     a = torch.as_tensor(a).float()
     b = a if b is None else torch.as_tensor(b).float()
     return F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
+
+
+def geometric_level(E, edges):
+    """App. B.5: mean cosine similarity of the embeddings of adjacent nodes (self-edges excluded)."""
+    e = np.array([(u, v) for u, v in edges if u != v])
+    X = F.normalize(torch.as_tensor(np.asarray(E)).float(), dim=1)
+    return float((X[e[:, 0]] * X[e[:, 1]]).sum(1).mean())
+
+
+def k_for_energy(energy, evals, frac=0.95):
+    """The Fiedler-like set: fewest top eigenvectors holding `frac` of ||E||^2 (degenerate
+    eigenspaces kept whole). 95%, not 99%: the near-constant v_1 alone holds 70-90% (Remark 6)."""
+    k = int(np.searchsorted(np.cumsum(energy), frac)) + 1
+    while k < len(evals) and evals[k - 1] - evals[k] < 1e-8:
+        k += 1
+    return min(k, len(evals))
+
+
+def spectral_share(E, V):
+    """One geometry number for any node-embedding matrix E (N, C): the share of its centred energy
+    that lies in the span of the graph's top eigenvectors V (N, k) (of D^-1 A + A D^-1 - 2I, as
+    `laplacian_eigs`), both taken orthogonal to the constant vector. 1: E is made of those
+    directions (Node2Vec's spectral bias, §4); about k/N for a random E."""
+    E = np.asarray(E, dtype=np.float64)
+    E = E - E.mean(0)
+    V = np.asarray(V, dtype=np.float64)
+    U, S, _ = np.linalg.svd(V - V.mean(0), full_matrices=False)
+    Q = U[:, S > 1e-8 * S.max()]  # an orthonormal basis of the centred span (a constant column drops out)
+    return float(((Q.T @ E) ** 2).sum() / (E ** 2).sum())
 
 
 def navigation_score(emb, arms, all_arms):

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from common import (TINY_GRAPHS, ArgParser, Node2Vec, Node2VecConfig, adjacency, coefficient_matrix,
-                    device_name, die, edge_margin, grid_graph, laplacian_eigs, logit_recall, navigation_score,
-                    neighbour_targets, parse_with_presets, path_star, pick_device, prepare_out, preset_help,
-                    principal_angles, pyplot, save_figure, seed_everything, spectral_energy, tiny_graph,
-                    train_node2vec, with_self_edges, write_json)
+                    device_name, die, edge_margin, grid_graph, k_for_energy, laplacian_eigs, logit_recall,
+                    navigation_score, neighbour_targets, parse_with_presets, path_star, pick_device,
+                    prepare_out, preset_help, principal_angles, pyplot, save_figure, seed_everything,
+                    spectral_energy, tiny_graph, train_node2vec, with_self_edges, write_json)
 
 LARGE_GRAPHS = ("path_star_large", "grid_large")
 GRAPHS = TINY_GRAPHS + LARGE_GRAPHS
@@ -103,15 +103,6 @@ def hops(A):
 def softmax_rows(L):
     Z = np.exp(L - L.max(1, keepdims=True))
     return Z / Z.sum(1, keepdims=True)
-
-
-def k_for_energy(energy, evals, frac=0.95):
-    """The Fiedler-like set: fewest top eigenvectors holding `frac` of ||E||^2 (degenerate eigenspaces
-    kept whole). 95%, not 99%: the near-constant v_1 alone holds 70-90% (Remark 6)."""
-    k = int(np.searchsorted(np.cumsum(energy), frac)) + 1
-    while k < len(evals) and evals[k - 1] - evals[k] < 1e-8:
-        k += 1
-    return min(k, len(evals))
 
 
 def dominant_columns(E, frac=0.95):

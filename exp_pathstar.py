@@ -6,7 +6,9 @@ graph and learns paths for 75% of its leaves; can it find the path from a held-o
 """
 import argparse
 import csv
+import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -14,11 +16,13 @@ import time
 import numpy as np
 import torch
 
-from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Phase, Vocab, add_adamw_flags, arm_edges,
-                    autocast, benchmark, config_diff, curve_band, device_name, die, edge_group, edge_recall,
-                    greedy_decode, navigation_score, parse_with_presets, path_group, path_prompts, path_star,
-                    path_targets, pick_device, plot_cosine_heatmap, plot_curves, plot_panels, prepare_out,
-                    preset_help, seed_everything, split_arms, spread, token_embeddings, train, write_json,
+from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig, Phase, Vocab,
+                    add_adamw_flags, arm_edges, autocast, benchmark, config_diff, curve_band, device_name,
+                    die, edge_group, edge_recall, geometric_level, greedy_decode, k_for_energy,
+                    laplacian_eigs, navigation_score, neighbour_targets, node2vec_loss, parse_with_presets,
+                    path_group, path_prompts, path_star, path_targets, pick_device, plot_cosine_heatmap,
+                    plot_curves, plot_panels, prepare_out, preset_help, seed_everything, spectral_energy,
+                    spectral_share, split_arms, spread, token_embeddings, train, train_node2vec, write_json,
                     write_spread_csv)
 
 # CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (see README, "Finding a quick setting").
@@ -38,6 +42,11 @@ SWEEPS = {
     "frozen": {"trained": dict(freeze_embeddings=False), "frozen": dict(freeze_embeddings=True)},
     "direction": {"forward": dict(reverse_path=False), "reverse": dict(reverse_path=True)},
     "first-token": {"full_path": dict(first_token_only=False), "first_token": dict(first_token_only=True)},
+    # beyond the paper (README, "Geometric headroom"): the baseline plus one change each, from the
+    # training edges alone; `frozen` is the associative control
+    "headroom": {"baseline": {}, "frozen": dict(freeze_embeddings=True), "self_edges": dict(self_edges=True),
+                 "spectral_init": dict(init="spectral"), "node2vec_init": dict(init="node2vec"),
+                 "node2vec_aux": dict(aux_weight=0.1)},
 }
 
 
@@ -59,6 +68,8 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     g.add_argument("--pauses", type=int, default=5, help="[PAUSE] tokens after the leaf (Table 2: 5 for G(5000,5))")
     g.add_argument("--recipe", choices=["interleaved", "staged"], default="interleaved",
                    help="edges and paths in every batch, or an edge phase then a path phase (App. D.3)")
+    g.add_argument("--self-edges", action="store_true",
+                   help="add an [EDGE] u u example for every node (§4.4: self-edges remove zigzag directions)")
     g.add_argument("--no-paths", action="store_true",
                    help="train on edges alone (§3.1: does a geometry appear without path supervision?)")
     m = p.add_argument_group("model (default GPT-mid)")
@@ -76,6 +87,11 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     m.add_argument("--positions", choices=["sinusoidal", "learned"], default="sinusoidal",
                    help="GPT positions: fixed sinusoidal (App. B.2.1) or a trained table initialized N(0, 1), "
                    "as the release's GPT")
+    m.add_argument("--init", choices=["random", "spectral", "node2vec"], default="random",
+                   help="node-token embeddings at init: N(0, 0.02), the graph's top eigenvectors, or a Node2Vec "
+                   "model trained on the training edges (both scaled to the N(0, 0.02) norm)")
+    m.add_argument("--aux-weight", type=float, default=0.0,
+                   help="add this x the tied 1-hop Node2Vec loss of the node embeddings to every step")
     m.add_argument("--freeze-embeddings", action="store_true",
                    help="keep the (tied) token embeddings at their init (App. E.1 control)")
     o = p.add_argument_group("optimization")
@@ -94,6 +110,10 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     o.add_argument("--edge-warmup", type=int, default=500, help="staged recipe: edge-phase warm-up steps")
     r = p.add_argument_group("run")
     r.add_argument("--eval-every", type=int, default=100, help="epochs between evaluations and checkpoints")
+    r.add_argument("--spectral-k", type=int, default=0, help="also measure at every evaluation the spectral share "
+                   "of the node embeddings in the graph's top K eigenvectors (0: off; --sweep headroom sets it)")
+    r.add_argument("--n2v-steps", type=int, default=2000,
+                   help="Node2Vec on the training edges (--init node2vec, --sweep headroom): Adam steps")
     r.add_argument("--seed", type=int, default=0, help="seed of graph, split, init and batches")
     r.add_argument("--seeds", type=int, nargs="+", help="run (or sweep) once per seed into --out/seed<k>/, "
                    "then summary.csv, metrics.json and summary.png with the mean, min and max over seeds")
@@ -159,8 +179,11 @@ def build(args):
 
 def task_data(graph, root, paths, train_paths, test_paths, edges, args, graph_extra=None):
     """Datasets of the in-weights task on any tree with all leaves at one depth (exp_treestar.py
-    uses it too): `paths` are all root-to-leaf node lists, `edges` the [u, v] examples."""
+    uses it too): `paths` are all root-to-leaf node lists, `edges` the [u, v] examples (plus
+    [u, u] for every node with --self-edges)."""
     vocab = Vocab(graph.number_of_nodes())
+    if args.self_edges:
+        edges = np.concatenate([edges, np.repeat(np.arange(vocab.num_nodes)[:, None], 2, 1)])
     targets = path_targets(train_paths, args.reverse_path)
     group = path_group(path_prompts([a[-1] for a in train_paths], vocab, args.pauses), targets,
                        args.first_token_only)
@@ -174,6 +197,7 @@ def make_evaluate(data, args, device, measure=None):
     reversed, and always known). Position 0 is scored from the prompt alone. `measure(split,
     predicted, targets)` -> {name: value}, if given, adds a script's own measures of the (P, l)
     predicted paths (exp_treestar: the share of last hops that pick a trained sibling leaf)."""
+    basis = laplacian_eigs(data["graph"], k=args.spectral_k)[1] if args.spectral_k else None
     splits = {}
     for split in ("test", "train"):
         arms = data[f"{split}_arms"]
@@ -199,6 +223,10 @@ def make_evaluate(data, args, device, measure=None):
         emb = model.wte.weight[: data["vocab"].num_nodes].float()
         res["navigation_acc"], res["navigation_mean_rank"] = navigation_score(emb, data["test_arms"], data["arms"])
         res["chance_navigation_mean_rank"] = (args.n + 1) / 2
+        E = emb.cpu().numpy()
+        res["geometric_level"] = geometric_level(E, data["edges"])
+        if basis is not None:
+            res["spectral_share"] = spectral_share(E, basis)
         return res
     return evaluate
 
@@ -284,6 +312,73 @@ def write_outputs(out, args, data, model, history, wall, device):
                         f"Cosine similarity of node embeddings, {len(shown)} held-out arms\n{label}")
 
 
+# ----------------------------------------------------------------------------- geometric headroom
+# Beyond the paper (§1.1, §7: "a well-specified headroom for making Transformer memory more
+# geometric"): how far the sequence model's node embeddings are from Node2Vec's on the same edges,
+# and whether cheap changes that use only those edges close the gap.
+
+
+def edge_targets(data, device):
+    """D^-1 A of the training edge examples, made symmetric (Node2Vec needs a neighbour in every row)."""
+    N = data["vocab"].num_nodes
+    A = np.zeros((N, N), dtype=np.float32)
+    e = np.asarray(data["edges"])
+    A[e[:, 0], e[:, 1]] = 1
+    return neighbour_targets(np.maximum(A, A.T), device)
+
+
+_NODE2VEC = {}  # one Node2Vec per edge set, width, steps and seed: the sweep's arms share it
+
+
+def node2vec_embeddings(data, args, device):
+    """A tied Node2Vec of width --n-embd trained on the training edges alone (Adam, lr 1e-2,
+    --n2v-steps full-batch steps, seeded): the reference geometry of --sweep headroom and the
+    init of --init node2vec."""
+    key = (hashlib.sha1(np.asarray(data["edges"]).tobytes()).hexdigest(), args.n_embd, args.n2v_steps, args.seed)
+    if key not in _NODE2VEC:
+        torch.manual_seed(args.seed)
+        model = Node2Vec(Node2VecConfig(data["vocab"].num_nodes, args.n_embd)).to(device)
+        train_node2vec(model, edge_targets(data, device), args.n2v_steps, 1e-2, desc="node2vec on the edges")
+        _NODE2VEC[key] = model.E.detach().cpu().numpy()
+    return _NODE2VEC[key]
+
+
+def init_node_embeddings(model, data, args, device):
+    """--init spectral / node2vec: the node rows of the token embedding become the graph's top
+    eigenvectors or Node2Vec's embeddings, scaled to the Frobenius norm the N(0, 0.02) init has;
+    the rest of the model is initialized as usual."""
+    N, C = data["vocab"].num_nodes, args.n_embd
+    if args.init == "spectral":
+        M = laplacian_eigs(data["graph"], k=min(C, N - 1))[1]
+        M = np.pad(M, ((0, 0), (0, C - M.shape[1])))
+    else:
+        M = node2vec_embeddings(data, args, device)
+    M = torch.as_tensor(M, dtype=torch.float32)
+    with torch.no_grad():
+        model.wte.weight[:N] = (M * (0.02 * math.sqrt(N * C) / M.norm())).to(device)
+
+
+def headroom_reference(args, device):
+    """Node2Vec on the sweep's graph (its training edges): k, the number of top eigenvectors that
+    hold 95% of its energy (as exp_node2vec.py chooses it), and its geometry, written to
+    --out/node2vec/metrics.json. Returns args with --spectral-k k for the arms."""
+    data = build(args)
+    E = node2vec_embeddings(data, args, device)
+    evals, V = laplacian_eigs(data["graph"])
+    k = k_for_energy(spectral_energy(E, V), evals)
+    nav, rank = navigation_score(E, data["test_arms"], data["arms"])
+    N = data["vocab"].num_nodes
+    res = {"k": k, "num_nodes": N, "width": args.n_embd, "steps": args.n2v_steps, "optimizer": "adam, lr 1e-2",
+           "spectral_share": spectral_share(E, V[:, :k]), "spectral_share_random": k / (N - 1),
+           "geometric_level": geometric_level(E, data["edges"]), "navigation_acc": nav, "navigation_mean_rank": rank}
+    os.makedirs(os.path.join(args.out, "node2vec"), exist_ok=True)
+    write_json(os.path.join(args.out, "node2vec", "metrics.json"), res)
+    print(f"[headroom] Node2Vec on the edges: k = {k} of {N} eigenvectors (95% of its energy); spectral share "
+          f"{res['spectral_share']:.3f} (random ~ {k / (N - 1):.3f}), geometric level {res['geometric_level']:.3f}, "
+          f"navigation {nav:.3f}")
+    return argparse.Namespace(**{**vars(args), "spectral_k": k}), res
+
+
 def make_model(args, vocab_size):
     if args.model == "mamba":
         return Mamba(MambaConfig(vocab_size=vocab_size, n_layer=args.n_layer, n_embd=args.n_embd,
@@ -302,6 +397,12 @@ def run(args, device, data=None, measure=None):
     data = data or build(args)
     vocab = data["vocab"]
     model = make_model(args, vocab.size).to(device)
+    if args.init != "random":
+        init_node_embeddings(model, data, args, device)
+    aux = None
+    if args.aux_weight:  # the Node2Vec objective on the node rows of the token embedding
+        targets, N = edge_targets(data, device), vocab.num_nodes
+        aux = lambda: args.aux_weight * node2vec_loss(model.wte.weight[:N], targets)
     phases = phases_for(data, args, device)
     cuda = device.startswith("cuda")
     compile = cuda if args.compile is None else args.compile
@@ -334,7 +435,7 @@ def run(args, device, data=None, measure=None):
                     ckpt_path=os.path.join(args.out, "checkpoint.pt"), ckpt_every_s=args.ckpt_every,
                     resume=args.resume, config=vars(args), desc="path-star", compile=compile,
                     cuda_graph=cuda_graph, betas=tuple(args.betas), decay_all=args.decay == "all",
-                    time_limit_s=args.time_limit and 60 * args.time_limit)
+                    time_limit_s=args.time_limit and 60 * args.time_limit, aux=aux)
     wall = time.time() - t0
     write_outputs(args.out, args, data, model, history, wall, device)
     f = history[-1]
@@ -348,7 +449,7 @@ def run(args, device, data=None, measure=None):
 SUMMARY_KEYS = ["test_first_token_acc", "test_path_acc", "navigation_acc", "navigation_mean_rank",
                 "chance_first_token", "peak_test_first_token_acc", "peak_test_path_acc",
                 "epochs_to_50", "epochs_to_90", "train_first_token_acc", "train_path_acc", "edge_acc",
-                "wall_time_s"]
+                "geometric_level", "spectral_share", "wall_time_s"]
 
 
 def epochs_to(history, level, key="test_first_token_acc"):
@@ -368,7 +469,9 @@ def run_sweep(args, device):
     """Each arm of the sweep is an ordinary run in --out/<arm>/, one after another, or
     --parallel K at a time as separate processes (one GPU or the CPU's cores shared). With
     --resume, finished arms are kept, interrupted ones resumed, missing ones started."""
-    results, todo = {}, {}
+    results, todo, reference = {}, {}, None
+    if args.sweep == "headroom":  # Node2Vec on the same edges: the geometry to reach, and k
+        args, reference = headroom_reference(args, device)
     for arm, flags in SWEEPS[args.sweep].items():
         a = argparse.Namespace(**{**vars(args), **flags, "sweep": None, "out": os.path.join(args.out, arm)})
         prepare_out(a.out)
@@ -398,7 +501,7 @@ def run_sweep(args, device):
                "peak_test_first_token_acc": max(x["test_first_token_acc"] for x in h),
                "peak_test_path_acc": max(x["test_path_acc"] for x in h), "wall_time_s": r["wall_time_s"],
                "epochs_to_50": epochs_to(h, 0.5), "epochs_to_90": epochs_to(h, 0.9)}
-        rows.append({k: row[k] for k in ["arm"] + SUMMARY_KEYS})
+        rows.append({k: row.get(k) for k in ["arm"] + SUMMARY_KEYS})
     with open(os.path.join(args.out, "summary.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["arm"] + SUMMARY_KEYS)
         w.writeheader()
@@ -410,6 +513,18 @@ def run_sweep(args, device):
         ("held-out full path (exact match)", "accuracy", curves("test_path_acc"), None),
         ("navigation: leaf -> own first node", "accuracy", curves("navigation_acc"), 1.0 / args.n)],
         f"Sweep '{args.sweep}' on {scale(args)}, {args.epochs} epochs")
+    if reference:  # the gap figure: each arm's geometry against Node2Vec's on the same edges
+        span = [min(x["epoch"] for r in results.values() for x in r["history"]),
+                max(x["epoch"] for r in results.values() for x in r["history"])]
+        ref = lambda key: [(span, [reference[key]] * 2, "Node2Vec, edges only")]
+        plot_panels(os.path.join(args.out, "headroom.png"), [
+            (f"spectral share (top {reference['k']} of {reference['num_nodes']} eigenvectors)", "share",
+             curves("spectral_share") + ref("spectral_share"), reference["spectral_share_random"]),
+            ("geometric level (adjacent-node cosine)", "mean cosine", curves("geometric_level") + ref("geometric_level"),
+             None),
+            ("navigation: leaf -> own first node", "accuracy", curves("navigation_acc") + ref("navigation_acc"),
+             1.0 / args.n)], f"Geometric headroom on {scale(args)}: Node2Vec minus each arm (chance line: a random "
+            f"embedding's share)")
     for row in rows:
         print(f"  {row['arm']:>18}: first token {row['test_first_token_acc']:.3f} (peak "
               f"{row['peak_test_first_token_acc']:.3f}), path {row['test_path_acc']:.3f}, "
@@ -444,14 +559,28 @@ def run_seeds(args, device):
             ("navigation_acc", "navigation (top-1)"), ("edge_acc", "edges memorized")]
     if args.first_token_only or args.no_paths:
         keys = [k for k in keys if "path" not in k[0]]
+    reference = {}
+    if args.sweep == "headroom":  # the gap to Node2Vec, its value averaged over the seeds' graphs
+        keys += [("spectral_share", "spectral share"), ("geometric_level", "geometric level")]
+        refs = [json.load(open(os.path.join(args.out, f"seed{s}", "node2vec", "metrics.json"))) for s in seeds]
+        reference = {key: float(np.mean([r[key] for r in refs])) for key, _ in keys if key in refs[0]}
+        table["node2vec (edges only)"] = spread({s: r for s, r in zip(seeds, refs)})
+        write_spread_csv(os.path.join(args.out, "summary.csv"), table, seeds, "arm")
     band_line = lambda name, epochs, mean, band: (epochs, mean, name, band)
-    plot_panels(os.path.join(args.out, "summary.png"), [
-        (label, "accuracy", [band_line(name, *curve_band(h, key)) for name, h in hist.items()], 1.0 / args.n)
-        for key, label in keys], f"{args.sweep or describe(args)}: mean over seeds {seeds}, band = min..max")
+    ref_line = lambda key, lines: [(lines[0][0], [reference[key]] * len(lines[0][0]), "Node2Vec, edges only")] \
+        if key in reference else []
+    panels = []
+    for key, label in keys:
+        lines = [band_line(name, *curve_band(h, key)) for name, h in hist.items()]
+        panels.append((label, "accuracy" if key.endswith("_acc") else "value", lines + ref_line(key, lines),
+                       1.0 / args.n if key.endswith("_acc") else None))
+    plot_panels(os.path.join(args.out, "summary.png"), panels,
+                f"{args.sweep or describe(args)}: mean over seeds {seeds}, band = min..max")
     for name, metrics in table.items():
         for key, label in keys:
-            m = metrics[key]
-            print(f"  {name}: {label} {m['mean']:.3f} (min {m['min']:.3f}, max {m['max']:.3f}, seeds {seeds})")
+            if key in metrics:
+                m = metrics[key]
+                print(f"  {name}: {label} {m['mean']:.3f} (min {m['min']:.3f}, max {m['max']:.3f}, seeds {seeds})")
     return per_seed
 
 

@@ -24,9 +24,10 @@ import torch.nn as nn
 
 from common import (GPT, TINY_GRAPHS, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig,
                     Phase, TiedLM, Vocab, adjacency, arm_edges, cosine_matrix, device_name, die, edge_group,
-                    edge_margin, edge_margin_authors, edge_recall, laplacian_eigs, logit_recall,
-                    neighbour_targets, parse_with_presets, pick_device, prepare_out, pyplot, save_figure,
-                    seed_everything, tiny_graph, token_embeddings, train, train_node2vec, write_json)
+                    edge_margin, edge_margin_authors, edge_recall, geometric_level, laplacian_eigs,
+                    logit_recall, neighbour_targets, parse_with_presets, pick_device, prepare_out, pyplot,
+                    save_figure, seed_everything, tiny_graph, token_embeddings, train, train_node2vec,
+                    write_json)
 
 MODELS = ("tinygpt", "tinynn", "tinyssm", "associative_gpt", "associative_nn", "node2vec")
 STUDIES = ("main", "speed", "regularizers", "forward-only")
@@ -128,12 +129,6 @@ def node_order(graph):
 
 
 # ----------------------------------------------------------------------------- measures (App. B.5)
-
-
-def geometric_level(E, edges):
-    """Mean cosine similarity of the embeddings of adjacent nodes (self-edges excluded)."""
-    e = np.array([(u, v) for u, v in edges if u != v])
-    return float(cosine_matrix(E)[e[:, 0], e[:, 1]].mean())
 
 
 def spectrum(E, V):

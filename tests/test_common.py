@@ -334,3 +334,19 @@ def test_constant_or_nan_model_scores_nothing(value):
     scores = torch.tensor([[1.0, 2.0, 2.0], [3.0, 1.0, float("inf")]])
     assert top_k_hits(scores, torch.tensor([1, 0]), torch.tensor([1, 2])).tolist() == [False, False]
     assert top_k_hits(scores, torch.tensor([1, 0]), torch.tensor([2, 2])).tolist() == [True, False]
+
+
+def test_spectral_share_known_answers():
+    """1 for an embedding made of the top eigenvectors (mixed by any matrix), about k/N for a
+    random one, and blind to a shift of every row by the same vector."""
+    from common import laplacian_eigs, spectral_share
+    g, _, _ = path_star(30, 4, seed=0)
+    _, V = laplacian_eigs(g)
+    N, k = V.shape[0], 12
+    top = V[:, :k]
+    E = top @ np.random.default_rng(0).normal(size=(k, 8))
+    assert spectral_share(E, top) == pytest.approx(1.0)
+    assert spectral_share(E + 5.0, top) == pytest.approx(1.0)
+    random = [spectral_share(np.random.default_rng(s).normal(size=(N, 64)), top) for s in range(5)]
+    assert np.mean(random) == pytest.approx(k / (N - 1), rel=0.25)
+    assert spectral_share(V[:, k:k + 8], top) == pytest.approx(0.0, abs=1e-6)  # lower eigenvectors: none

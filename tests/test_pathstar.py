@@ -279,3 +279,62 @@ def test_epochs_to_level():
     h = [{"epoch": e, "test_first_token_acc": a} for e, a in [(10, 0.1), (20, 0.6), (30, 0.95)]]
     assert (exp_pathstar.epochs_to(h, 0.5), exp_pathstar.epochs_to(h, 0.9), exp_pathstar.epochs_to(h, 0.99)) == \
         (20, 30, None)
+
+
+# ----------------------------------------------------------------------------- geometric headroom
+
+
+def test_self_edges_add_one_example_per_node():
+    args = exp_pathstar.get_args(TINY)
+    plain = exp_pathstar.build(args)
+    looped = exp_pathstar.build(exp_pathstar.get_args(TINY + ["--self-edges"]))
+    N = plain["vocab"].num_nodes
+    extra = looped["edges"][len(plain["edges"]):]
+    assert len(looped["edges"]) == len(plain["edges"]) + N
+    assert np.array_equal(looped["edges"][:len(plain["edges"])], plain["edges"])
+    assert sorted(extra[:, 0].tolist()) == list(range(N)) and (extra[:, 0] == extra[:, 1]).all()
+
+
+def test_spectral_init_sets_the_node_embeddings():
+    from common import laplacian_eigs
+    args = exp_pathstar.get_args(TINY + ["--init", "spectral"])
+    data = exp_pathstar.build(args)
+    model = exp_pathstar.make_model(args, data["vocab"].size)
+    specials = model.wte.weight[data["vocab"].num_nodes:].detach().clone()
+    exp_pathstar.init_node_embeddings(model, data, args, "cpu")
+    N, C = data["vocab"].num_nodes, args.n_embd
+    E = model.wte.weight[:N].detach().double()
+    V = torch.as_tensor(laplacian_eigs(data["graph"], k=C)[1])
+    assert torch.allclose(E / E.norm(), V / V.norm(), atol=1e-6)  # the top C eigenvectors, rescaled
+    assert E.norm().item() == pytest.approx(0.02 * (N * C) ** 0.5, rel=1e-5)  # the N(0, 0.02) init's norm
+    assert torch.equal(model.wte.weight[N:], specials)  # special tokens as usual
+
+
+def test_aux_loss_gradient_is_app_f_coefficient_times_e():
+    """The auxiliary loss is the tied Node2Vec objective: its gradient is -C E / N with
+    C = D^-1 A + A D^-1 - P - P^T (App. F, Lemma 1), here against autograd."""
+    from common import coefficient_matrix, node2vec_loss
+    args = exp_pathstar.get_args(["--quick", "--n", "4", "--l", "3", "--train-frac", "0.5"])
+    data = exp_pathstar.build(args)
+    targets = exp_pathstar.edge_targets(data, "cpu")
+    N = data["vocab"].num_nodes
+    E = torch.randn(N, 6, dtype=torch.float64, requires_grad=True)
+    node2vec_loss(E, targets.double()).backward()
+    A = (targets > 0).double().numpy()
+    P = torch.softmax(E.detach() @ E.detach().T, 1).numpy()
+    want = -coefficient_matrix(A, P) @ E.detach().numpy() / N
+    assert np.allclose(E.grad.numpy(), want, atol=1e-10)
+
+
+def test_headroom_sweep_smoke(tmp_path):
+    out = tmp_path / "hr"
+    exp_pathstar.main(TINY + ["--first-token-only", "--epochs", "2", "--eval-every", "1", "--n2v-steps", "20",
+                              "--sweep", "headroom", "--out", str(out)])
+    ref = json.load(open(out / "node2vec" / "metrics.json"))
+    assert 1 <= ref["k"] <= ref["num_nodes"] and 0 <= ref["spectral_share"] <= 1 + 1e-9
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert [r["arm"] for r in rows] == list(exp_pathstar.SWEEPS["headroom"])
+    m = json.load(open(out / "node2vec_aux" / "metrics.json"))
+    assert m["config"]["aux_weight"] == 0.1 and m["config"]["spectral_k"] == ref["k"]
+    assert "spectral_share" in m["final"] and "geometric_level" in m["final"]
+    assert (out / "headroom.png").stat().st_size > 10000

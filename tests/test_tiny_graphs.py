@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import exp_tiny_graphs as tg
-from common import (Vocab, edge_group, edge_margin, edge_margin_authors, laplacian_eigs, logit_recall, tiny_graph,
-                    token_embeddings)
+from common import (Vocab, edge_group, edge_margin, edge_margin_authors, geometric_level, laplacian_eigs,
+                    logit_recall, tiny_graph, token_embeddings)
 
 # graph node / edge counts and connectivity are tested in tests/test_node2vec.py
 
@@ -74,7 +74,7 @@ def test_constant_or_nan_logits_store_nothing(value):
 
 def test_geometric_level_and_logit_recall():
     E = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [-1.0, 0.0]])
-    assert np.isclose(tg.geometric_level(E, [(0, 1), (1, 2), (3, 3)]), np.sqrt(0.5))
+    assert np.isclose(geometric_level(E, [(0, 1), (1, 2), (3, 3)]), np.sqrt(0.5))
     edges = np.array([[0, 1], [1, 0], [1, 2], [2, 1]])
     assert logit_recall(E @ E.T, edges) == 1.0  # self logits excluded
     L = E @ E.T
