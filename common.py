@@ -402,7 +402,6 @@ class GPT(TiedLM):
         attn = 2 * L * C * T * (T + 1) if self.cfg.attention else 0  # QK^T and AV, causal half
         return 3 * (B * T * per_token + B * attn + 2 * n_loss * C * self.cfg.vocab_size)
 
-
     @torch.no_grad()
     def generate(self, idx, n_new):
         """Greedy continuation by recomputing the whole prefix (sequences here are short)."""

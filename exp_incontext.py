@@ -26,7 +26,7 @@ from common import (GPT, ArgParser, GPTConfig, Phase, Vocab, add_adamw_flags, au
 
 MODES = ("standard", "teacherless", "reverse")
 
-# CPU-sized preset (README, "Finding a quick setting"). The Clever Hans only comes after ~160k-560k
+# CPU-sized preset (docs/notes.md). The Clever Hans only comes after ~160k-560k
 # training sequences, so standard gets 30 epochs (600k) and teacherless, which learns nothing more at
 # this scale, is left out to keep two modes under 15 minutes; --modes adds it back
 QUICK = dict(degree=2, path_length=4, num_values=20, train_size=20000, test_size=1000, n_layer=3,

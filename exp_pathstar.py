@@ -25,7 +25,7 @@ from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Nod
                     spectral_share, split_arms, spread, token_embeddings, train, train_node2vec, write_json,
                     write_spread_csv)
 
-# CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (see README, "Finding a quick setting").
+# CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (docs/notes.md).
 # It keeps nanoGPT's AdamW (betas 0.95, clipping at 1, no decay on biases and norms): over seeds 0-2
 # held-out first token 0.911 [0.800, 1.000] against 0.409 [0.107, 0.853] with the release's AdamW
 QUICK = dict(n=300, l=5, n_layer=2, n_embd=64, n_head=4, pauses=4, lr=3e-3, weight_decay=0.1,
@@ -42,7 +42,7 @@ SWEEPS = {
     "frozen": {"trained": dict(freeze_embeddings=False), "frozen": dict(freeze_embeddings=True)},
     "direction": {"forward": dict(reverse_path=False), "reverse": dict(reverse_path=True)},
     "first-token": {"full_path": dict(first_token_only=False), "first_token": dict(first_token_only=True)},
-    # beyond the paper (README, "Geometric headroom"): the baseline plus one change each, from the
+    # beyond the paper (docs/results.md, "Geometric headroom"): the baseline plus one change each, from the
     # training edges alone; `frozen` is the associative control
     "headroom": {"baseline": {}, "frozen": dict(freeze_embeddings=True), "self_edges": dict(self_edges=True),
                  "spectral_init": dict(init="spectral"), "node2vec_init": dict(init="node2vec"),

@@ -2,3 +2,12 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def figure_ok(path, min_width=300, min_height=200):
+    """A PNG a person can read: at least this many pixels and not blank (many distinct colours)."""
+    import matplotlib.image
+    import numpy as np
+    img = matplotlib.image.imread(str(path))
+    colours = np.unique(img.reshape(-1, img.shape[-1]), axis=0)
+    return img.shape[1] >= min_width and img.shape[0] >= min_height and len(colours) > 16

@@ -110,6 +110,18 @@ def test_gpt_shapes_and_loss_positions():
     assert torch.allclose(logits, full_logits[:, 3:], atol=1e-6) and torch.allclose(loss, want)
 
 
+@pytest.mark.parametrize("attention", [True, False])
+def test_gpt_flops_are_six_per_weight_and_token_plus_attention(attention):
+    """Training FLOPs = 6 x (weights of the matmuls) x tokens + causal attention (QK^T and AV over
+    T(T+1)/2 pairs, x3 for the backward) + the logits at the loss positions."""
+    model = tiny_gpt(n_layer=3, n_embd=32, n_head=4, attention=attention)
+    weights = sum(m.weight.numel() for m in model.blocks.modules() if isinstance(m, torch.nn.Linear))
+    assert weights == 3 * (12 if attention else 8) * 32 * 32
+    B, T, n = 5, 7, 9
+    attn = 3 * 3 * 2 * 32 * T * (T + 1) if attention else 0
+    assert model.flops(B, T, n) == 6 * weights * B * T + B * attn + 6 * n * 32 * 23
+
+
 def test_loss_tail_rejects_rows_without_loss():
     y = torch.full((3, 4), -1)
     y[:2, 3] = 5

@@ -8,6 +8,7 @@ import torch
 
 import exp_incontext
 from common import Vocab, preset_help
+from conftest import figure_ok
 
 D, L, V = 3, 4, 15
 
@@ -120,7 +121,7 @@ def test_smoke_run(tmp_path):
     ex = g["example_test_graphs"][0]
     assert (ex["path"][0], ex["path"][-1]) == (ex["start"], ex["goal"]) and len(ex["edges"]) == d * (l - 1)
     for fig in ("accuracy.png", "token_accuracy.png"):
-        assert os.path.getsize(os.path.join(out, fig)) > 1000
+        assert figure_ok(os.path.join(out, fig))
     # --resume keeps finished modes; --inweights-metrics adds the comparison figure
     iw = tmp_path / "inweights.json"
     iw.write_text(json.dumps({"config": {"n": 2, "l": l}, "history": [
@@ -130,7 +131,7 @@ def test_smoke_run(tmp_path):
                                 "--n-embd", "32", "--n-layer", "1", "--batch-size", "64", "--out", out,
                                 "--resume", "--modes", "reverse", "--inweights-metrics", str(iw)])
     assert list(again) == ["reverse"] and again["reverse"]["history"] == m["history"]["reverse"]
-    assert os.path.getsize(os.path.join(out, "inweights.png")) > 1000
+    assert figure_ok(os.path.join(out, "inweights.png"))
 
 
 @pytest.mark.parametrize("flags,msg", [

@@ -60,7 +60,16 @@ def test_mamba_shapes_and_loss():
     logits, loss = m(x, y[:, -1:])  # targets of the last position
     assert logits.shape == (4, 1, 19) and torch.allclose(logits[:, 0], m(x))
     assert torch.allclose(loss, torch.nn.functional.cross_entropy(m(x), y[:, -1]))
-    assert m.flops(4, 6, 4) > 0
+
+
+def test_mamba_flops_count_every_weight_and_the_scan():
+    """6 x (matmul weights) x tokens, plus the conv (2 E d_conv) and the scan (9 E n) per token and
+    layer, x3 for the backward, plus the logits at the loss positions."""
+    m = tiny_mamba()  # n_layer 2, width 16, d_state 4, d_conv 3, expand 2, vocab 19
+    weights = sum(x.weight.numel() for x in m.layers.modules() if isinstance(x, torch.nn.Linear))
+    E, B, T, n = 32, 4, 6, 5
+    want = 6 * weights * B * T + 3 * 2 * (2 * E * 3 + 9 * E * 4) * B * T + 6 * n * 16 * 19
+    assert m.flops(B, T, n) == want
 
 
 @pytest.mark.parametrize("block", ["residual", "authors"])
@@ -148,4 +157,5 @@ def test_exp_mamba_quick_smoke(tmp_path):
 def test_scan_benchmark_reports_both_scans():
     import exp_mamba
     res = exp_mamba.scan_benchmark("cpu", b=2, d=4, L=8, n=3, reps=1)
-    assert res["fast_s"] > 0 and res["sequential_s"] > 0 and res["speedup"] > 0
+    assert (res["batch"], res["channels"], res["length"], res["d_state"]) == (2, 4, 8, 3)
+    assert res["speedup"] == pytest.approx(res["sequential_s"] / res["fast_s"])

@@ -10,6 +10,7 @@ import exp_node2vec
 from common import (TINY_GRAPHS, Node2Vec, Node2VecConfig, adjacency, coefficient_matrix, grid_graph,
                     laplacian_eigs, neg_laplacian, neighbour_targets, principal_angles, spectral_energy,
                     tiny_graph, train_node2vec, with_self_edges)
+from conftest import figure_ok
 
 
 # ----------------------------------------------------------------------------- graphs
@@ -164,10 +165,10 @@ def test_smoke(tmp_path):
         assert g["num_nodes"] == N and len(g["edges"]) == N - (name != "cycle")
         loops = json.load(open(os.path.join(out, "graphs", f"{name}_self_edges.json")))
         assert len(loops["edges"]) == len(g["edges"]) + N
-        assert os.path.getsize(os.path.join(out, f"dynamics_{name}.png")) > 1000
-        assert os.path.getsize(os.path.join(out, f"untied_{name}.png")) > 1000
+        assert figure_ok(os.path.join(out, f"dynamics_{name}.png"))
+        assert figure_ok(os.path.join(out, f"untied_{name}.png"))
     for fig in ("spectrum.png", "embeddings.png", "dynamics_summary.png", "width.png", "untied_spectrum.png"):
-        assert os.path.getsize(os.path.join(out, fig)) > 1000
+        assert figure_ok(os.path.join(out, fig))
     assert "| cycle | 15 | 15 |" in open(os.path.join(out, "complexity.md")).read()
 
 

@@ -12,6 +12,7 @@ import torch
 
 import exp_pathstar
 from common import make_optimizer
+from conftest import figure_ok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--quick", "--n", "24", "--l", "4", "--n-embd", "32", "--n-head", "2"]
@@ -44,7 +45,7 @@ def test_quick_smoke(tmp_path):
     emb = np.load(os.path.join(out, "embeddings.npy"))
     assert emb.shape == (g["num_nodes"], exp_pathstar.QUICK["n_embd"])
     for fig in ("accuracy.png", "token_accuracy.png"):
-        assert os.path.getsize(os.path.join(out, fig)) > 1000
+        assert figure_ok(os.path.join(out, fig))
 
 
 def test_staged_and_variants_run(tmp_path):
@@ -149,7 +150,7 @@ def test_sweep_writes_arms_and_summary(tmp_path):
     lines = (out / "summary.csv").read_text().splitlines()
     assert lines[0].startswith("arm,test_first_token_acc,test_path_acc,navigation_acc")
     assert "epochs_to_50,epochs_to_90" in lines[0]
-    assert len(lines) == 3 and (out / "summary.png").stat().st_size > 1000
+    assert len(lines) == 3 and figure_ok(out / "summary.png")
     again = exp_pathstar.main(TINY + ["--sweep", "frozen", "--epochs", "2", "--eval-every", "1",
                                       "--resume", "--out", str(out)])  # finished arms are kept
     assert again == rows
@@ -177,7 +178,7 @@ def test_edges_only_reports_geometry(tmp_path):
     assert 0 <= f["navigation_acc"] <= 1 and 1 <= f["navigation_mean_rank"] <= 24
     assert f["chance_navigation_mean_rank"] == 12.5
     for fig in ("geometry.png", "embedding_heatmap.png"):
-        assert (out / fig).stat().st_size > 1000
+        assert figure_ok(out / fig)
 
 
 def test_diverged_run_stops_with_one_line(tmp_path, capsys):
@@ -224,7 +225,7 @@ def test_seeds_write_spread(tmp_path):
     row = next(r for r in rows if r["metric"] == "edge_acc")
     assert float(row["seed1"]) == per[1]["final"]["edge_acc"] and float(row["min"]) == min(
         per[s]["final"]["edge_acc"] for s in (0, 1))
-    assert (out / "summary.png").stat().st_size > 10000
+    assert figure_ok(out / "summary.png")
 
 
 def test_sweep_with_seeds(tmp_path):
@@ -240,7 +241,7 @@ def test_sweep_with_seeds(tmp_path):
 
 def test_optimizer_flags_reach_adamw(tmp_path, monkeypatch):
     """--betas, --decay and --grad-clip reach the optimizer and the phases; the defaults are the
-    release's AdamW, the quick preset keeps nanoGPT's (measured better at that scale, README)."""
+    release's AdamW, the quick preset keeps nanoGPT's (measured better at that scale, docs/deviations.md)."""
     full = exp_pathstar.get_args([])
     assert (full.betas, full.grad_clip, full.decay) == ([0.9, 0.999], 0.0, "all")
     quick = exp_pathstar.get_args(["--quick"])
@@ -337,4 +338,21 @@ def test_headroom_sweep_smoke(tmp_path):
     m = json.load(open(out / "node2vec_aux" / "metrics.json"))
     assert m["config"]["aux_weight"] == 0.1 and m["config"]["spectral_k"] == ref["k"]
     assert "spectral_share" in m["final"] and "geometric_level" in m["final"]
-    assert (out / "headroom.png").stat().st_size > 10000
+    assert figure_ok(out / "headroom.png")
+
+
+def test_headline_task_learns(tmp_path):
+    """The paper's headline at toy scale: on G(40, 4) (10 held-out leaves, chance 0.025) 300 epochs
+    of first-token-only training memorize every edge and training leaf, and the held-out first
+    hop (a two-hop composition never trained) rises far above chance. Seeds 0-2 gave 0.5-0.7."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = exp_pathstar.main(["--quick", "--first-token-only", "--n", "40", "--l", "4", "--epochs", "300",
+                                 "--eval-every", "100", "--out", str(tmp_path / "learn")])
+    finally:
+        torch.set_num_threads(threads)
+    final = run["history"][-1]
+    assert final["train_first_token_acc"] == 1.0 and final["edge_acc"] == 1.0
+    assert final["test_first_token_acc"] >= 10 * final["chance_first_token"]
+    assert final["navigation_acc"] >= 0.5

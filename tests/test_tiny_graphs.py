@@ -1,5 +1,4 @@
 import json
-import os
 
 import networkx as nx
 import numpy as np
@@ -9,6 +8,7 @@ import torch
 import exp_tiny_graphs as tg
 from common import (Vocab, edge_group, edge_margin, edge_margin_authors, geometric_level, laplacian_eigs,
                     logit_recall, tiny_graph, token_embeddings)
+from conftest import figure_ok
 
 # graph node / edge counts and connectivity are tested in tests/test_node2vec.py
 
@@ -127,7 +127,7 @@ def test_smoke(tmp_path):
     with open(tmp_path / "graphs" / "cycle.json") as f:
         assert json.load(f)["num_nodes"] == 15
     for png in ("heatmaps", "embeddings_3d", "spectrum", "fig1", "regularizers_3d"):
-        assert os.path.getsize(tmp_path / f"{png}.png") > 0
+        assert figure_ok(tmp_path / f"{png}.png")
     assert set(m["regularizers"]) == set(tg.REGULARIZERS)
 
 
@@ -139,7 +139,7 @@ def test_speed_study_tracks_margin_over_training(tmp_path):
     for model in ("tinynn", "associative_nn"):  # TinyNN models: the margin at every evaluation
         assert all(np.isfinite(h["geometric_margin"]) for h in hist[model])
     assert all("geometric_margin" not in h for h in hist["tinygpt"])
-    assert os.path.getsize(tmp_path / "speed_cycle.png") > 0
+    assert figure_ok(tmp_path / "speed_cycle.png")
 
 
 @pytest.mark.parametrize("argv,msg", [(["--graph", "torus"], "invalid choice"),
