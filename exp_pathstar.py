@@ -65,11 +65,12 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     g.add_argument("--reverse-path", action="store_true", help="targets leaf..root instead of root..leaf")
     g.add_argument("--edges", choices=["both", "forward", "backward"], default="both",
                    help="edge directions trained on (forward = parent->child)")
-    g.add_argument("--pauses", type=int, default=5, help="[PAUSE] tokens after the leaf (Table 2: 5 for G(5000,5))")
+    g.add_argument("--pauses", type=int, default=5,
+                   help="[PAUSE] tokens after the leaf (Table 2: 5 for G(5000,5))")
     g.add_argument("--recipe", choices=["interleaved", "staged"], default="interleaved",
                    help="edges and paths in every batch, or an edge phase then a path phase (App. D.3)")
     g.add_argument("--self-edges", action="store_true",
-                   help="add an [EDGE] u u example for every node (§4.4: self-edges remove zigzag directions)")
+                   help="add an [EDGE] u u example for every node (§4.4: self-edges remove zigzags)")
     g.add_argument("--no-paths", action="store_true",
                    help="train on edges alone (§3.1: does a geometry appear without path supervision?)")
     m = p.add_argument_group("model (default GPT-mid)")
@@ -82,14 +83,14 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     m.add_argument("--d-conv", type=int, default=4, help="Mamba: causal conv width")
     m.add_argument("--expand", type=int, default=2, help="Mamba: inner channels = expand x width")
     m.add_argument("--mamba-block", choices=["authors", "residual"], default="authors",
-                   help="Mamba: the release's block (LayerNorm, no residual, no final norm, GPT-style init with "
-                   "zero biases) or the standard residual RMSNorm block")
+                   help="Mamba: the release's block (LayerNorm, no residual, no final norm, GPT-style init "
+                   "with zero biases) or the standard residual RMSNorm block")
     m.add_argument("--positions", choices=["sinusoidal", "learned"], default="sinusoidal",
-                   help="GPT positions: fixed sinusoidal (App. B.2.1) or a trained table initialized N(0, 1), "
-                   "as the release's GPT")
+                   help="GPT positions: fixed sinusoidal (App. B.2.1) or a trained table initialized "
+                   "N(0, 1), as the release's GPT")
     m.add_argument("--init", choices=["random", "spectral", "node2vec"], default="random",
-                   help="node-token embeddings at init: N(0, 0.02), the graph's top eigenvectors, or a Node2Vec "
-                   "model trained on the training edges (both scaled to the N(0, 0.02) norm)")
+                   help="node-token embeddings at init: N(0, 0.02), the graph's top eigenvectors, or a "
+                   "Node2Vec model trained on the training edges (both scaled to the N(0, 0.02) norm)")
     m.add_argument("--aux-weight", type=float, default=0.0,
                    help="add this x the tied 1-hop Node2Vec loss of the node embeddings to every step")
     m.add_argument("--freeze-embeddings", action="store_true",
@@ -99,8 +100,8 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     o.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (cosine to lr/10)")
     o.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
     o.add_argument("--decay", choices=["all", "matrices"], default="all",
-                   help="parameters that get weight decay: every one (the release) or matrices and embeddings "
-                   "(nanoGPT)")
+                   help="parameters that get weight decay: every one (the release) or matrices and "
+                   "embeddings (nanoGPT)")
     add_adamw_flags(o, "the release")
     o.add_argument("--batch-size", type=int, default=2048, help="sequences per step")
     o.add_argument("--warmup", type=int, default=1000, help="linear warm-up steps")
@@ -110,8 +111,9 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     o.add_argument("--edge-warmup", type=int, default=500, help="staged recipe: edge-phase warm-up steps")
     r = p.add_argument_group("run")
     r.add_argument("--eval-every", type=int, default=100, help="epochs between evaluations and checkpoints")
-    r.add_argument("--spectral-k", type=int, default=0, help="also measure at every evaluation the spectral share "
-                   "of the node embeddings in the graph's top K eigenvectors (0: off; --sweep headroom sets it)")
+    r.add_argument("--spectral-k", type=int, default=0,
+                   help="also measure at every evaluation the spectral share of the node embeddings in the "
+                   "graph's top K eigenvectors (0: off; --sweep headroom sets it)")
     r.add_argument("--n2v-steps", type=int, default=2000,
                    help="Node2Vec on the training edges (--init node2vec, --sweep headroom): Adam steps")
     r.add_argument("--seed", type=int, default=0, help="seed of graph, split, init and batches")
@@ -150,7 +152,8 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
               (args.time_limit is None or args.time_limit > 0, "--time-limit must be > 0"),
               (min(args.n_layer, args.n_embd, args.n_head, args.d_state, args.d_conv, args.expand) >= 1,
                "model sizes must be >= 1"),
-              (args.model != "gpt" or args.n_embd % args.n_head == 0, "--n-embd must be divisible by --n-head"),
+              (args.model != "gpt" or args.n_embd % args.n_head == 0,
+               "--n-embd must be divisible by --n-head"),
               (min(args.batch_size, args.edge_batch_size) >= 1, "batch sizes must be >= 1"),
               (min(args.warmup, args.edge_warmup) >= 0, "warm-up steps must be >= 0"),
               (min(args.lr, args.edge_lr) > 0, "learning rates must be > 0"),
@@ -221,7 +224,8 @@ def make_evaluate(data, args, device, measure=None):
         res["edge_acc"] = edge_recall(model, data["edges"], data["vocab"], device)
         res["chance_first_token"] = 1.0 / args.n
         emb = model.wte.weight[: data["vocab"].num_nodes].float()
-        res["navigation_acc"], res["navigation_mean_rank"] = navigation_score(emb, data["test_arms"], data["arms"])
+        nav = navigation_score(emb, data["test_arms"], data["arms"])
+        res["navigation_acc"], res["navigation_mean_rank"] = nav
         res["chance_navigation_mean_rank"] = (args.n + 1) / 2
         E = emb.cpu().numpy()
         res["geometric_level"] = geometric_level(E, data["edges"])
@@ -251,10 +255,11 @@ def phases_for(data, args, device):
     if args.no_paths:
         return [Phase("edges", [edges], args.epochs, args.batch_size, args.lr, args.warmup, grad_clip=clip)]
     if args.recipe == "staged":  # App. D.3: memorize edges first, then fine-tune on paths alone
-        return [Phase("edges", [edges], args.edge_epochs, args.edge_batch_size, args.edge_lr, args.edge_warmup,
-                      grad_clip=clip),
+        return [Phase("edges", [edges], args.edge_epochs, args.edge_batch_size, args.edge_lr,
+                      args.edge_warmup, grad_clip=clip),
                 Phase("paths", [paths], args.epochs, args.batch_size, args.lr, args.warmup, grad_clip=clip)]
-    return [Phase("interleaved", [edges, paths], args.epochs, args.batch_size, args.lr, args.warmup, grad_clip=clip)]
+    return [Phase("interleaved", [edges, paths], args.epochs, args.batch_size, args.lr, args.warmup,
+                  grad_clip=clip)]
 
 
 def scale(args):
@@ -265,7 +270,8 @@ def scale(args):
 def describe(args):
     """Short label of a run for figure titles: scale and the flags that change the task."""
     parts = [scale(args)]
-    parts.append("edges only" if args.no_paths else "first-token-only" if args.first_token_only else "full path")
+    task = "edges only" if args.no_paths else "first-token-only" if args.first_token_only else "full path"
+    parts.append(task)
     parts += [f"edges {args.edges}", f"{args.pauses} pauses"]
     parts += ["reversed path"] * args.reverse_path + ["staged"] * (args.recipe == "staged")
     parts += ["frozen embeddings"] * args.freeze_embeddings
@@ -293,16 +299,19 @@ def write_outputs(out, args, data, model, history, wall, device):
               ("edge_acc", "edges memorized")]
     if args.first_token_only or args.no_paths:  # hops without a loss: their curves say nothing
         series = [s for s in series if "path" not in s[0]]
-    plot_curves(os.path.join(out, "accuracy.png"), history, series, f"In-weights paths: {label}", chance=chance)
+    plot_curves(os.path.join(out, "accuracy.png"), history, series, f"In-weights paths: {label}",
+                chance=chance)
     names = ["start"] + [f"hop {i}" for i in range(1, args.l)]
     x = [h["epoch"] for h in history]
     plot_panels(os.path.join(out, "token_accuracy.png"), [
-        (f"held-out leaves, {mode}", "accuracy", [(x, [h[key][i] for h in history], names[i]) for i in range(args.l)], chance)
+        (f"held-out leaves, {mode}", "accuracy",
+         [(x, [h[key][i] for h in history], names[i]) for i in range(args.l)], chance)
         for mode, key in (("greedy decoding", "test_token_acc"), ("teacher-forced", "test_token_acc_tf"))],
         f"Per-position accuracy: {label}")
     plot_panels(os.path.join(out, "geometry.png"), [
-        ("held-out leaves", "accuracy", [(x, [h["test_first_token_acc"] for h in history], "first-token accuracy"),
-                                         (x, [h["navigation_acc"] for h in history], "navigation (top-1)")], chance),
+        ("held-out leaves", "accuracy",
+         [(x, [h["test_first_token_acc"] for h in history], "first-token accuracy"),
+          (x, [h["navigation_acc"] for h in history], "navigation (top-1)")], chance),
         ("rank of own first node among root children", "mean rank (1 = best)",
          [(x, [h["navigation_mean_rank"] for h in history], "navigation mean rank")], (args.n + 1) / 2)],
         f"Embedding geometry: {label}")
@@ -334,7 +343,8 @@ def node2vec_embeddings(data, args, device):
     """A tied Node2Vec of width --n-embd trained on the training edges alone (Adam, lr 1e-2,
     --n2v-steps full-batch steps, seeded): the reference geometry of --sweep headroom and the
     init of --init node2vec."""
-    key = (hashlib.sha1(np.asarray(data["edges"]).tobytes()).hexdigest(), args.n_embd, args.n2v_steps, args.seed)
+    edges = hashlib.sha1(np.asarray(data["edges"]).tobytes()).hexdigest()
+    key = (edges, args.n_embd, args.n2v_steps, args.seed)
     if key not in _NODE2VEC:
         torch.manual_seed(args.seed)
         model = Node2Vec(Node2VecConfig(data["vocab"].num_nodes, args.n_embd)).to(device)
@@ -368,14 +378,15 @@ def headroom_reference(args, device):
     k = k_for_energy(spectral_energy(E, V), evals)
     nav, rank = navigation_score(E, data["test_arms"], data["arms"])
     N = data["vocab"].num_nodes
-    res = {"k": k, "num_nodes": N, "width": args.n_embd, "steps": args.n2v_steps, "optimizer": "adam, lr 1e-2",
+    res = {"k": k, "num_nodes": N, "width": args.n_embd, "steps": args.n2v_steps, "optimizer": "adam lr 1e-2",
            "spectral_share": spectral_share(E, V[:, :k]), "spectral_share_random": k / (N - 1),
-           "geometric_level": geometric_level(E, data["edges"]), "navigation_acc": nav, "navigation_mean_rank": rank}
+           "geometric_level": geometric_level(E, data["edges"]), "navigation_acc": nav,
+           "navigation_mean_rank": rank}
     os.makedirs(os.path.join(args.out, "node2vec"), exist_ok=True)
     write_json(os.path.join(args.out, "node2vec", "metrics.json"), res)
-    print(f"[headroom] Node2Vec on the edges: k = {k} of {N} eigenvectors (95% of its energy); spectral share "
-          f"{res['spectral_share']:.3f} (random ~ {k / (N - 1):.3f}), geometric level {res['geometric_level']:.3f}, "
-          f"navigation {nav:.3f}")
+    print(f"[headroom] Node2Vec on the edges: k = {k} of {N} eigenvectors (95% of its energy); "
+          f"spectral share {res['spectral_share']:.3f} (random ~ {k / (N - 1):.3f}), geometric level "
+          f"{res['geometric_level']:.3f}, navigation {nav:.3f}")
     return argparse.Namespace(**{**vars(args), "spectral_k": k}), res
 
 
@@ -386,8 +397,8 @@ def make_model(args, vocab_size):
                                  freeze_embeddings=args.freeze_embeddings, block=args.mamba_block))
     return GPT(GPTConfig(vocab_size=vocab_size, block_size=args.pauses + args.l + 2, n_layer=args.n_layer,
                          n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
-                         freeze_embeddings=args.freeze_embeddings, learned_positions=args.positions == "learned",
-                         position_std=1.0))
+                         freeze_embeddings=args.freeze_embeddings,
+                         learned_positions=args.positions == "learned", position_std=1.0))
 
 
 def run(args, device, data=None, measure=None):
@@ -411,11 +422,11 @@ def run(args, device, data=None, measure=None):
         die("--cuda-graph needs a CUDA device")
     if args.bench:
         save = lambda res: write_json(os.path.join(args.out, "bench.json"), {**res, "config": vars(args)})
-        res = benchmark(model, phases[0].groups, phases[0].batch_size, device, phases[0].epochs, args.weight_decay,
-                        report=save)
+        res = benchmark(model, phases[0].groups, phases[0].batch_size, device, phases[0].epochs,
+                        args.weight_decay, report=save)
         res["config"] = vars(args)
-        print(f"{res['device']}, {res['steps_per_epoch']} steps per epoch, peak {res['peak_flops_per_s'] / 1e12:.2f} "
-              f"TFLOP/s ({torch.get_num_threads()} threads)")
+        print(f"{res['device']}, {res['steps_per_epoch']} steps per epoch, peak "
+              f"{res['peak_flops_per_s'] / 1e12:.2f} TFLOP/s ({torch.get_num_threads()} threads)")
         for name, m in res["modes"].items():
             launches = "" if m["launches_per_step"] is None else f", {m['launches_per_step']} launches/step"
             print(f"  {name:>15}: {m['ms_per_step']:8.2f} ms/step, {m['ms_per_epoch']:9.1f} ms/epoch, "
@@ -430,7 +441,8 @@ def run(args, device, data=None, measure=None):
           f"{len(data['train_arms'])} train / {len(data['test_arms'])} held-out leaves; "
           f"{n_params / 1e6:.2f}M params on {device_name(device)}")
     t0 = time.time()
-    history = train(model, phases, weight_decay=args.weight_decay, evaluate=make_evaluate(data, args, device, measure),
+    evaluate = make_evaluate(data, args, device, measure)
+    history = train(model, phases, weight_decay=args.weight_decay, evaluate=evaluate,
                     eval_every=args.eval_every, device=device, seed=args.seed,
                     ckpt_path=os.path.join(args.out, "checkpoint.pt"), ckpt_every_s=args.ckpt_every,
                     resume=args.resume, config=vars(args), desc="path-star", compile=compile,
@@ -488,7 +500,8 @@ def run_sweep(args, device):
         import concurrent.futures
         import multiprocessing
         threads = None if device.startswith("cuda") else max(1, torch.get_num_threads() // args.parallel)
-        with concurrent.futures.ProcessPoolExecutor(args.parallel, multiprocessing.get_context("spawn")) as pool:
+        spawn = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(args.parallel, spawn) as pool:
             futures = {arm: pool.submit(run_arm, a, device, threads) for arm, a in todo.items()}
             results.update({arm: f.result() for arm, f in futures.items()})
     else:
@@ -520,10 +533,11 @@ def run_sweep(args, device):
         plot_panels(os.path.join(args.out, "headroom.png"), [
             (f"spectral share (top {reference['k']} of {reference['num_nodes']} eigenvectors)", "share",
              curves("spectral_share") + ref("spectral_share"), reference["spectral_share_random"]),
-            ("geometric level (adjacent-node cosine)", "mean cosine", curves("geometric_level") + ref("geometric_level"),
-             None),
-            ("navigation: leaf -> own first node", "accuracy", curves("navigation_acc") + ref("navigation_acc"),
-             1.0 / args.n)], f"Geometric headroom on {scale(args)}: Node2Vec minus each arm (chance line: a random "
+            ("geometric level (adjacent-node cosine)", "mean cosine",
+             curves("geometric_level") + ref("geometric_level"), None),
+            ("navigation: leaf -> own first node", "accuracy",
+             curves("navigation_acc") + ref("navigation_acc"), 1.0 / args.n)],
+            f"Geometric headroom on {scale(args)}: Node2Vec minus each arm (chance line: a random "
             f"embedding's share)")
     for row in rows:
         print(f"  {row['arm']:>18}: first token {row['test_first_token_acc']:.3f} (peak "
@@ -538,7 +552,8 @@ def run_seeds(args, device):
     (summary.png). Returns {seed: what run / run_sweep returned}."""
     per_seed = {}
     for s in args.seeds:
-        a = argparse.Namespace(**{**vars(args), "seed": s, "seeds": None, "out": os.path.join(args.out, f"seed{s}")})
+        out = os.path.join(args.out, f"seed{s}")
+        a = argparse.Namespace(**{**vars(args), "seed": s, "seeds": None, "out": out})
         prepare_out(a.out)
         print(f"[seeds] seed {s} -> {a.out}")
         per_seed[s] = run_sweep(a, device) if args.sweep else run(a, device)
@@ -562,13 +577,14 @@ def run_seeds(args, device):
     reference = {}
     if args.sweep == "headroom":  # the gap to Node2Vec, its value averaged over the seeds' graphs
         keys += [("spectral_share", "spectral share"), ("geometric_level", "geometric level")]
-        refs = [json.load(open(os.path.join(args.out, f"seed{s}", "node2vec", "metrics.json"))) for s in seeds]
+        refs = [json.load(open(os.path.join(args.out, f"seed{s}", "node2vec", "metrics.json")))
+                for s in seeds]
         reference = {key: float(np.mean([r[key] for r in refs])) for key, _ in keys if key in refs[0]}
         table["node2vec (edges only)"] = spread({s: r for s, r in zip(seeds, refs)})
         write_spread_csv(os.path.join(args.out, "summary.csv"), table, seeds, "arm")
     band_line = lambda name, epochs, mean, band: (epochs, mean, name, band)
-    ref_line = lambda key, lines: [(lines[0][0], [reference[key]] * len(lines[0][0]), "Node2Vec, edges only")] \
-        if key in reference else []
+    ref_line = lambda key, lines: [(lines[0][0], [reference[key]] * len(lines[0][0]),
+                                    "Node2Vec, edges only")] if key in reference else []
     panels = []
     for key, label in keys:
         lines = [band_line(name, *curve_band(h, key)) for name, h in hist.items()]
@@ -580,7 +596,8 @@ def run_seeds(args, device):
         for key, label in keys:
             if key in metrics:
                 m = metrics[key]
-                print(f"  {name}: {label} {m['mean']:.3f} (min {m['min']:.3f}, max {m['max']:.3f}, seeds {seeds})")
+                print(f"  {name}: {label} {m['mean']:.3f} (min {m['min']:.3f}, max {m['max']:.3f}, "
+                      f"seeds {seeds})")
     return per_seed
 
 
