@@ -106,13 +106,14 @@ def run_splits(args, device):
         results[split] = exp_pathstar.run(a, device, data, tree_measure(data, a))
     if args.bench:
         return results
+    last = {s: {k: v for k, v in r["history"][-1].items() if k not in ("epoch", "phase", "time_s")}
+            for s, r in results.items()}
     write_json(os.path.join(args.out, "metrics.json"), {
-        "config": vars(args), "final": {s: {k: v for k, v in r["history"][-1].items() if k not in ("epoch", "phase", "time_s")}
-                                        for s, r in results.items()},
-        "history": {s: r["history"] for s, r in results.items()}, "wall_time_s": time.time() - t0})
+        "config": vars(args), "final": last, "history": {s: r["history"] for s, r in results.items()},
+        "wall_time_s": time.time() - t0})
     chance = 1.0 / args.n
-    curves = lambda key: [([h["epoch"] for h in r["history"]], [h[key] for h in r["history"]], f"split at {s}")
-                          for s, r in results.items()]
+    curves = lambda key: [([h["epoch"] for h in r["history"]], [h[key] for h in r["history"]],
+                           f"split at {s}") for s, r in results.items()]
     label = exp_pathstar.scale(args) + (", first-token-only" if args.first_token_only else ", full path")
     plot_panels(os.path.join(args.out, "splits.png"), [
         ("held-out first token", "accuracy", curves("test_first_token_acc"), chance),
@@ -123,7 +124,8 @@ def run_splits(args, device):
     plot_panels(os.path.join(args.out, "depth_accuracy.png"), [(
         "final held-out accuracy at each decision depth (greedy)", "accuracy",
         [(list(depths), [final[s]["test_token_acc"][k] for k in depths], f"split at {s}") for s in final]
-        + [(list(depths), [final[splits[0]]["chance_token_acc"][k] for k in depths], "chance (1/d, then 1/b)")],
+        + [(list(depths), [final[splits[0]]["chance_token_acc"][k] for k in depths],
+            "chance (1/d, then 1/b)")],
         None)], f"Tree-star per-depth accuracy: {label}", xlabel="decision depth (1 = first token)")
     plot_tree(os.path.join(args.out, "tree.png"), args.seed)
     for s, f in final.items():
@@ -143,23 +145,29 @@ def main(argv=None):
         return run_splits(args, device)
     per_seed = {}  # --seeds: each seed in --out/seed<k>/, then the spread of the final metrics per split
     for s in args.seeds:
-        a = argparse.Namespace(**{**vars(args), "seed": s, "seeds": None, "out": os.path.join(args.out, f"seed{s}")})
+        out = os.path.join(args.out, f"seed{s}")
+        a = argparse.Namespace(**{**vars(args), "seed": s, "seeds": None, "out": out})
         prepare_out(a.out)
         per_seed[s] = run_splits(a, device)
     seeds, splits = list(args.seeds), list(per_seed[args.seeds[0]])
     table = {sp: spread({s: per_seed[s][sp]["history"][-1] for s in seeds}) for sp in splits}
     write_spread_csv(os.path.join(args.out, "summary.csv"), table, seeds, "split")
-    write_json(os.path.join(args.out, "metrics.json"), {"config": vars(args), "seeds": seeds, "splits": table})
+    write_json(os.path.join(args.out, "metrics.json"),
+               {"config": vars(args), "seeds": seeds, "splits": table})
     keys = [("test_first_token_acc", "held-out first token"), ("test_path_acc", "held-out full path"),
             ("test_last_hop_trained_sibling", "last hop = a trained sibling leaf")]
+
+    def line(sp, key):  # mean over seeds and its min..max band
+        epochs, mean, band = curve_band([per_seed[s][sp]["history"] for s in seeds], key)
+        return epochs, mean, f"split at {sp}", band
     plot_panels(os.path.join(args.out, "summary.png"), [
-        (label, "accuracy" if "acc" in key else "share", [
-            (lambda e, m, b: (e, m, f"split at {sp}", b))(*curve_band([per_seed[s][sp]["history"] for s in seeds], key))
-            for sp in splits], 1.0 / args.n if key == "test_first_token_acc" else None) for key, label in keys],
+        (label, "accuracy" if "acc" in key else "share", [line(sp, key) for sp in splits],
+         1.0 / args.n if key == "test_first_token_acc" else None) for key, label in keys],
         f"Tree-star {exp_pathstar.scale(args)}: mean over seeds {seeds}, band = min..max")
     for sp in splits:
-        print(f"split at {sp}: " + ", ".join(f"{label} {table[sp][key]['mean']:.3f} [{table[sp][key]['min']:.3f}, "
-                                             f"{table[sp][key]['max']:.3f}]" for key, label in keys))
+        t = table[sp]
+        print(f"split at {sp}: " + ", ".join(f"{label} {t[key]['mean']:.3f} [{t[key]['min']:.3f}, "
+                                             f"{t[key]['max']:.3f}]" for key, label in keys))
     return per_seed
 
 
