@@ -39,10 +39,13 @@ def get_args(argv=None):
     p = ArgParser(description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("task")
     g.add_argument("--degree", type=int, default=2, help="arms d of each path-star graph G(d, l)")
-    g.add_argument("--path-length", type=int, default=5, help="nodes l on the start-to-goal path, start included")
-    g.add_argument("--num-values", type=int, default=50, help="node values V the labels of each graph are drawn from")
+    g.add_argument("--path-length", type=int, default=5,
+                   help="nodes l on the start-to-goal path, start included")
+    g.add_argument("--num-values", type=int, default=50,
+                   help="node values V the labels of each graph are drawn from")
     g.add_argument("--train-size", type=int, default=200000, help="training graphs")
-    g.add_argument("--test-size", type=int, default=20000, help="held-out graphs (before dropping any seen in training)")
+    g.add_argument("--test-size", type=int, default=20000,
+                   help="held-out graphs (before dropping any seen in training)")
     g.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                    help="training modes: next-token (teacher forcing), teacherless (answer inputs hidden), "
                         "reverse (answer goal..start)")
@@ -57,15 +60,18 @@ def get_args(argv=None):
     o.add_argument("--epochs", type=int, default=100, help="passes over the training graphs")
     o.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, reached after --warmup steps")
     o.add_argument("--final-lr-frac", type=float, default=1.0,
-                   help="the cosine decays the learning rate to this fraction of --lr (1 = constant after warm-up, "
-                        "as B&N'24's schedule is in effect: its decay horizon counts samples, not steps)")
+                   help="the cosine decays the learning rate to this fraction of --lr (1 = constant after "
+                        "warm-up, as B&N'24's schedule is in effect: its decay horizon counts samples, not "
+                        "steps)")
     add_adamw_flags(o, "B&N'24")
-    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (B&N'24 train with none)")
+    o.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW weight decay (B&N'24 train with none)")
     o.add_argument("--batch-size", type=int, default=256, help="sequences per step")
     o.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     r = p.add_argument_group("run")
     r.add_argument("--eval-every", type=int, default=5, help="epochs between evaluations and checkpoints")
-    r.add_argument("--seed", type=int, default=0, help="seed of the data (train and test streams differ), init and batches")
+    r.add_argument("--seed", type=int, default=0,
+                   help="seed of the data (train and test streams differ), init and batches")
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:i]")
     r.add_argument("--out", default="runs/incontext", help="output folder")
     r.add_argument("--inweights-metrics", metavar="PATH",
@@ -284,7 +290,8 @@ def write_figures(out, args, results, inweights):
     curves = lambda key: [([h["epoch"] for h in r["history"]], [h[key] for h in r["history"]], mode)
                           for mode, r in results.items()]
     plot_panels(os.path.join(out, "accuracy.png"), [
-        ("held-out first token (a1; reverse: goal's parent)", "accuracy", curves("test_first_token_acc"), 1 / d),
+        ("held-out first token (a1; reverse: goal's parent)", "accuracy", curves("test_first_token_acc"),
+         1 / d),
         ("held-out full path (exact match)", "accuracy", curves("test_path_acc"), 1 / d),
         ("training graphs: first token", "accuracy", curves("train_first_token_acc"), 1 / d)],
         f"Fig. 13: {label}")
@@ -296,7 +303,8 @@ def write_figures(out, args, results, inweights):
                        [(x, [h["test_forced_token_acc"][i] for h in r["history"]], f"{i}: {name}")
                         for i, name in enumerate(position_names(mode, l))], 1 / d))
     plot_panels(os.path.join(out, "token_accuracy.png"), panels,
-                f"Per-position accuracy on held-out graphs (App. A: Clever Hans vs right-to-left cascade)\n{label}")
+                f"Per-position accuracy on held-out graphs (App. A: Clever Hans vs right-to-left "
+                f"cascade)\n{label}")
     if inweights:
         c, h = inweights["config"], inweights["history"]
         iw = f"in-weights G({c['n']},{c['l']})" + (", first-token-only" if c.get("first_token_only") else "")
@@ -308,8 +316,10 @@ def write_figures(out, args, results, inweights):
             (f"{iw}: held-out leaves", "accuracy", lines, 1 / c["n"]),
             (f"in-context G({d},{l}): held-out graphs, first token", "accuracy",
              curves("test_first_token_acc"), 1 / d),
-            (f"in-context G({d},{l}): held-out graphs, full path", "accuracy", curves("test_path_acc"), 1 / d)],
-            f"Graph in the weights vs graph in the prompt ({iw} vs in-context G({d},{l}), forward unless named)")
+            (f"in-context G({d},{l}): held-out graphs, full path", "accuracy", curves("test_path_acc"),
+             1 / d)],
+            f"Graph in the weights vs graph in the prompt ({iw} vs in-context G({d},{l}), forward unless "
+            f"named)")
 
 
 def main(argv=None):
@@ -317,7 +327,8 @@ def main(argv=None):
     device = pick_device(args.device)
     inweights = load_inweights(args.inweights_metrics) if args.inweights_metrics else None
     if inweights and (inweights["config"]["n"], inweights["config"]["l"]) != (args.degree, args.path_length):
-        print(f"note: in-weights run is G({inweights['config']['n']},{inweights['config']['l']}), this run is "
+        c = inweights["config"]
+        print(f"note: in-weights run is G({c['n']},{c['l']}), this run is "
               f"G({args.degree},{args.path_length})")
     prepare_out(args.out)
     t0 = time.time()

@@ -56,8 +56,9 @@ def main(argv=None):
         res["scan"] = scan_benchmark(device)
         write_json(os.path.join(args.out, "bench.json"), res)
         s = res["scan"]
-        print(f"selective scan (b={s['batch']}, d={s['channels']}, L={s['length']}, n={s['d_state']}, fwd+bwd): "
-              f"fast {s['fast_s'] * 1e3:.0f} ms, sequential {s['sequential_s'] * 1e3:.0f} ms, {s['speedup']:.1f}x")
+        print(f"selective scan (b={s['batch']}, d={s['channels']}, L={s['length']}, n={s['d_state']}, "
+              f"fwd+bwd): fast {s['fast_s'] * 1e3:.0f} ms, sequential {s['sequential_s'] * 1e3:.0f} ms, "
+              f"{s['speedup']:.1f}x")
     return res
 
 
