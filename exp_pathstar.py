@@ -368,11 +368,11 @@ def init_node_embeddings(model, data, args, device):
         model.wte.weight[:N] = (M * (0.02 * math.sqrt(N * C) / M.norm())).to(device)
 
 
-def headroom_reference(args, device):
+def headroom_reference(args, device, task=None):
     """Node2Vec on the sweep's graph (its training edges): k, the number of top eigenvectors that
     hold 95% of its energy (as exp_node2vec.py chooses it), and its geometry, written to
     --out/node2vec/metrics.json. Returns args with --spectral-k k for the arms."""
-    data = build(args)
+    data = task[0](args) if task else build(args)
     E = node2vec_embeddings(data, args, device)
     evals, V = laplacian_eigs(data["graph"])
     k = k_for_energy(spectral_energy(E, V), evals)
@@ -470,20 +470,26 @@ def epochs_to(history, level, key="test_first_token_acc"):
     return next((h["epoch"] for h in history if h[key] >= level), None)
 
 
-def run_arm(args, device, threads=None):
-    """One arm of a sweep in its own process (--parallel): the machine's threads shared out."""
+def run_task(args, device, task=None, threads=None):
+    """One run of the path-star task, or of another script's task = (build(args) -> data,
+    measure(data, args) -> make_evaluate's measure), e.g. exp_treestar's; `threads`: a share of
+    the machine's (a sweep arm in its own process, --parallel)."""
     if threads:
         torch.set_num_threads(threads)
-    return run(args, device)
+    if task is None:
+        return run(args, device)
+    data = task[0](args)
+    return run(args, device, data, task[1](data, args))
 
 
-def run_sweep(args, device):
+def run_sweep(args, device, task=None):
     """Each arm of the sweep is an ordinary run in --out/<arm>/, one after another, or
     --parallel K at a time as separate processes (one GPU or the CPU's cores shared). With
-    --resume, finished arms are kept, interrupted ones resumed, missing ones started."""
+    --resume, finished arms are kept, interrupted ones resumed, missing ones started. `task`: see
+    run_task."""
     results, todo, reference = {}, {}, None
     if args.sweep == "headroom":  # Node2Vec on the same edges: the geometry to reach, and k
-        args, reference = headroom_reference(args, device)
+        args, reference = headroom_reference(args, device, task)
     for arm, flags in SWEEPS[args.sweep].items():
         a = argparse.Namespace(**{**vars(args), **flags, "sweep": None, "out": os.path.join(args.out, arm)})
         prepare_out(a.out)
@@ -502,10 +508,10 @@ def run_sweep(args, device):
         threads = None if device.startswith("cuda") else max(1, torch.get_num_threads() // args.parallel)
         spawn = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(args.parallel, spawn) as pool:
-            futures = {arm: pool.submit(run_arm, a, device, threads) for arm, a in todo.items()}
+            futures = {arm: pool.submit(run_task, a, device, task, threads) for arm, a in todo.items()}
             results.update({arm: f.result() for arm, f in futures.items()})
     else:
-        results.update({arm: run(a, device) for arm, a in todo.items()})
+        results.update({arm: run_task(a, device, task) for arm, a in todo.items()})
     results = {arm: results[arm] for arm in SWEEPS[args.sweep]}  # the sweep's order
     rows = []
     for arm, r in results.items():
@@ -546,17 +552,17 @@ def run_sweep(args, device):
     return rows
 
 
-def run_seeds(args, device):
+def run_seeds(args, device, task=None):
     """--seeds: the run or sweep once per seed in --out/seed<k>/, then the mean, min and max over
     seeds of every final metric (summary.csv, metrics.json) and the curves with their spread
-    (summary.png). Returns {seed: what run / run_sweep returned}."""
+    (summary.png). Returns {seed: what run / run_sweep returned}. `task`: see run_task."""
     per_seed = {}
     for s in args.seeds:
         out = os.path.join(args.out, f"seed{s}")
         a = argparse.Namespace(**{**vars(args), "seed": s, "seeds": None, "out": out})
         prepare_out(a.out)
         print(f"[seeds] seed {s} -> {a.out}")
-        per_seed[s] = run_sweep(a, device) if args.sweep else run(a, device)
+        per_seed[s] = run_sweep(a, device, task) if args.sweep else run_task(a, device, task)
     seeds = list(args.seeds)
     if args.sweep:  # per arm: its summary row; curves from each arm's metrics.json
         table = {arm: spread({s: next(r for r in per_seed[s] if r["arm"] == arm) for s in seeds})

@@ -134,13 +134,25 @@ def run_splits(args, device):
     return results
 
 
+def build_split(args):
+    """The data of --split (one split: a sweep's task for exp_pathstar.run_task)."""
+    return build(args, args.split)
+
+
 def main(argv=None):
     args = exp_pathstar.get_args(argv, doc=__doc__, defaults=dict(n=1000, l=5), quick=QUICK,
-                                 add_flags=add_flags, sweeps=False)
+                                 add_flags=add_flags)
     if args.b < 1:
         die("--b must be >= 1")
+    if args.sweep and args.split == "both":
+        die("--sweep runs on one split: add --split first_token or --split leaf")
     device = pick_device(args.device)
     prepare_out(args.out)
+    if args.sweep:  # the path-star sweeps on one tree split
+        task = (build_split, tree_measure)
+        if args.seeds:
+            return exp_pathstar.run_seeds(args, device, task)
+        return exp_pathstar.run_sweep(args, device, task)
     if not args.seeds:
         return run_splits(args, device)
     per_seed = {}  # --seeds: each seed in --out/seed<k>/, then the spread of the final metrics per split

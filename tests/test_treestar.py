@@ -95,3 +95,18 @@ def test_treestar_seeds(tmp_path):
          for s in (0, 1)]
     assert m["splits"]["leaf"]["test_last_hop_trained_sibling"]["mean"] == pytest.approx(sum(v) / 2)
     assert (out / "summary.csv").exists() and figure_ok(out / "summary.png")
+
+
+def test_treestar_sweep_on_one_split(tmp_path, capsys):
+    """exp_pathstar's sweeps run on a tree split, with the tree's own measure in every arm."""
+    with pytest.raises(SystemExit):
+        exp_treestar.main(["--quick", "--sweep", "frozen", "--out", str(tmp_path / "both")])
+    assert "one split" in capsys.readouterr().err
+    out = tmp_path / "sweep"
+    rows = exp_treestar.main(["--quick", "--n", "6", "--epochs", "2", "--eval-every", "1", "--split", "leaf",
+                              "--sweep", "frozen", "--out", str(out)])
+    assert [r["arm"] for r in rows] == ["trained", "frozen"]
+    m = json.load(open(out / "frozen" / "metrics.json"))
+    assert m["config"]["split"] == "leaf" and "test_last_hop_trained_sibling" in m["final"]
+    g = json.load(open(out / "frozen" / "graph.json"))
+    assert g["split"] == "leaf" and g["branching"] == 2
