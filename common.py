@@ -881,7 +881,8 @@ class Stepper:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                train_step(self.forward, self.params, self.opt, self.static, self.grad_clip, self.stats, self.aux)
+                train_step(self.forward, self.params, self.opt, self.static, self.grad_clip, self.stats,
+                           self.aux)
         except Exception as e:  # capture breaks on ops that sync; train on without it
             print(f"warning: CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
                   f"training without it", file=sys.stderr)
@@ -899,10 +900,10 @@ def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, 
     schedule each), evaluates every `eval_every` epochs and at the end of each phase, writes a
     checkpoint after an evaluation when `ckpt_every_s` seconds have passed since the last one and
     at the end of each phase, and resumes from `ckpt_path` if asked. `compile`, `cuda_graph`: see
-    `Stepper`; `betas`, `decay_all`: see `make_optimizer`; `aux`: see `train_step`. Stops with one line on stderr (exit 2)
-    when the training loss turns non-finite, keeping the last checkpoint. With `time_limit_s`,
-    returns early at the first evaluation after that many seconds (of this process), with a
-    checkpoint that `resume` continues from.
+    `Stepper`; `betas`, `decay_all`: see `make_optimizer`; `aux`: see `train_step`. Stops with one
+    line on stderr (exit 2) when the training loss turns non-finite, keeping the last checkpoint.
+    With `time_limit_s`, returns early at the first evaluation after that many seconds (of this
+    process), with a checkpoint that `resume` continues from.
     Returns the history: [{"epoch": e, "phase": name, "time_s": seconds, **evaluate(model)}, ...],
     time_s counting training and evaluation since the start, resumed runs included."""
     gen = torch.Generator().manual_seed(seed)

@@ -39,8 +39,8 @@ UNTIED_VARIANTS = {  # name: (tied, self_edges)
 def get_args(argv=None):
     p = ArgParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--graph", nargs="+", choices=("all",) + GRAPHS, default=["all"],
-                   help="graphs to run; 'all' runs main and complexity on every graph and width and untied on "
-                        "the four tiny ones; graphs named explicitly get every selected study")
+                   help="graphs to run; 'all' runs main and complexity on every graph and width and untied "
+                        "on the four tiny ones; graphs named explicitly get every selected study")
     p.add_argument("--study", nargs="+", choices=("all",) + STUDIES, default=["all"],
                    help="studies to run (main always runs)")
     p.add_argument("--steps", type=int, default=10000, help="full-batch training steps of every run")
@@ -49,9 +49,11 @@ def get_args(argv=None):
     p.add_argument("--optimizer", choices=["adam", "gd"], default="adam",
                    help="adam (the paper's) or plain full-batch gradient descent (App. F's dynamics)")
     p.add_argument("--loss-sum", action="store_true",
-                   help="sum the loss over source nodes (the release, with --optimizer gd) instead of averaging")
+                   help="sum the loss over source nodes (the release, with --optimizer gd) instead of "
+                   "averaging")
     p.add_argument("--init-std", type=float, default=1.0, help="std of the normal init of E (and F)")
-    p.add_argument("--widths", type=int, nargs="+", default=[8, 16, 64, 256, 1024], help="width study: widths")
+    p.add_argument("--widths", type=int, nargs="+", default=[8, 16, 64, 256, 1024],
+                   help="width study: widths")
     p.add_argument("--snapshots", type=int, default=80,
                    help="main study: log-spaced steps at which App. F's quantities are measured")
     p.add_argument("--large-star", type=int, nargs=2, default=[50, 11], metavar=("D", "L"),
@@ -155,7 +157,8 @@ def dynamics_record(rec, A, V, k, blocks, E_final):
     return {"step": rec["step"], "loss": rec["loss"], "grad_norm": rec["grad_norm"],
             "update_norm": rec["update_norm"], "E_norm": float(np.linalg.norm(E)),
             "energy_top_k": float(spectral_energy(E, V)[:k].sum()),
-            "rank95": U.shape[1], "max_angle_deg": float(angles.max()), "mean_angle_deg": float(angles.mean()),
+            "rank95": U.shape[1], "max_angle_deg": float(angles.max()),
+            "mean_angle_deg": float(angles.mean()),
             "Cv_top": Cv[:min(k, 6)].tolist(), "Cv_top_max": float(fiedler.max()),
             "Cv_rest_median": float(np.median(Cv[k:])) if k < len(Cv) else None,
             "CU_top_max": float(np.linalg.norm(C @ U, axis=0).max()),
@@ -171,9 +174,10 @@ def dynamics_record(rec, A, V, k, blocks, E_final):
 
 def fit(graph, args, device, width=None, tied=True, snapshot_steps=(), desc="node2vec"):
     seed_everything(args.seed)
-    model = Node2Vec(Node2VecConfig(graph.number_of_nodes(), width or args.width, tied, args.init_std)).to(device)
-    return train_node2vec(model, neighbour_targets(adjacency(graph), device), args.steps, args.lr, args.optimizer,
-                          snapshot_steps, desc, loss_sum=args.loss_sum)
+    model = Node2Vec(Node2VecConfig(graph.number_of_nodes(), width or args.width, tied,
+                                    args.init_std)).to(device)
+    return train_node2vec(model, neighbour_targets(adjacency(graph), device), args.steps, args.lr,
+                          args.optimizer, snapshot_steps, desc, loss_sum=args.loss_sum)
 
 
 def log_steps(steps, n):
@@ -204,7 +208,8 @@ def run_main(name, graph, args, device, out):
            "Cv_top_max": final["Cv_top_max"], "Cv_top_max_init": history[0]["Cv_top_max"],
            "Cv_rest_median": final["Cv_rest_median"], "CU_top_max": final["CU_top_max"],
            "C_eigs_top": final["C_eigs_top"], "C_eigs_top_init": history[0]["C_eigs_top"],
-           "offblock_C": final["offblock_C"], "offblock_P": final["offblock_P"], "offblock_EEt": final["offblock_EEt"],
+           "offblock_C": final["offblock_C"], "offblock_P": final["offblock_P"],
+           "offblock_EEt": final["offblock_EEt"],
            "loss": final["loss"], "loss_floor": float(np.log(A.sum(1)).mean()),
            "grad_norm": final["grad_norm"], "grad_norm_init": history[0]["grad_norm"],
            "update_norm_last": history[-2]["update_norm"],
@@ -230,7 +235,8 @@ def run_width(name, graph, main, args, device):
         E = rec["params"]["E"].numpy()
         energy = spectral_energy(E, V)
         angles = np.degrees(principal_angles(dominant_columns(E)[:, :k], V[:, :k]))
-        rows.append({"width": width, "k95": k_for_energy(energy, evals), "energy_top_k": float(energy[:k].sum()),
+        rows.append({"width": width, "k95": k_for_energy(energy, evals),
+                     "energy_top_k": float(energy[:k].sum()),
                      "max_angle_deg": float(angles.max()), "loss": rec["loss"], "grad_norm": rec["grad_norm"],
                      "E_norm": float(np.linalg.norm(E))})
     return rows
@@ -252,7 +258,8 @@ def run_untied(name, graph, main, args, device, out):
             F = rec["params"]["F"].numpy() if not tied else E
             np.save(os.path.join(out, "embeddings", f"{name}_{variant}.npy"), E.astype(np.float32))
             if not tied:
-                np.save(os.path.join(out, "embeddings", f"{name}_{variant}_unembedding.npy"), F.astype(np.float32))
+                np.save(os.path.join(out, "embeddings", f"{name}_{variant}_unembedding.npy"),
+                        F.astype(np.float32))
         W = E @ F.T
         q = np.einsum("ij,ik,kj->j", V, W, V)  # v_i^T W v_i: the logit matrix along each eigenvector
         lam, U = np.linalg.eigh((W + W.T) / 2)
@@ -303,8 +310,8 @@ def complexity_markdown(rows):
     fmt = lambda x: "–" if x is None else f"{x:,.0f}" if isinstance(x, (int, float)) else str(x)
     head = ["graph", "N", "m", "assoc. bits 2m⌈log2 N⌉", "geo. construction", "geo. bits N·k·⌈log2 c⌉",
             "geo. bits, measured k, c=N", "assoc. ‖W‖² = 2m", "geo. ‖E‖² ≥ N", "trained ‖E‖²/margin"]
-    keys = ["graph", "nodes", "edges", "assoc_bits", "geo_construction", "geo_bits_construction", "geo_bits_measured",
-            "assoc_norm2", "geo_norm2_lower", "geo_norm2_measured"]
+    keys = ["graph", "nodes", "edges", "assoc_bits", "geo_construction", "geo_bits_construction",
+            "geo_bits_measured", "assoc_norm2", "geo_norm2_lower", "geo_norm2_measured"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -407,7 +414,8 @@ def plot_embeddings(path, states):
         draw(row[0], st["V"][:, 1:3], g, colors, cmap, f"{name}: Laplacian eigenvectors (v2, v3)", small, s=s)
         for ax, E, when in ((row[1], st["E"], "trained"), (row[2], st["E0"], "at init (control)")):
             xy, var = pca2(E)
-            draw(ax, xy, g, colors, cmap, f"Node2Vec {when}: top-2 PCs ({var.sum():.0%} of variance)", small, s=s)
+            draw(ax, xy, g, colors, cmap, f"Node2Vec {when}: top-2 PCs ({var.sum():.0%} of variance)", small,
+                 s=s)
         row[0].set_ylabel(f"colour: {what}", fontsize=8)
     fig.suptitle("Node2Vec embeddings (PCA of E, no Laplacian used) beside the Laplacian eigenvectors",
                  fontsize=11)
@@ -423,14 +431,16 @@ def plot_dynamics(path, name, history, res):
     fig, axes = plt.subplots(2, 4, figsize=(21, 8.4))
     ax = axes[0, 0]
     ax.plot(x, get("loss"), label="loss")
-    ax.axhline(res["loss_floor"], color="C3", ls="--", label=f"mean log-degree {res['loss_floor']:.3f} (P = D⁻¹A)")
+    ax.axhline(res["loss_floor"], color="C3", ls="--",
+               label=f"mean log-degree {res['loss_floor']:.3f} (P = D⁻¹A)")
     ax.set(yscale="log", title="loss (degree-normalised cross-entropy)", ylabel="loss")
     ax = axes[0, 1]
     ax.plot(x, get("energy_top_k"), label=f"share of ‖E‖² in top-{k} eigenvectors")
     ax.axhline(k / res["num_nodes"], color="0.5", ls=":", label=f"random E: k/N = {k / res['num_nodes']:.2f}")
     ax.set(ylim=(-0.02, 1.02), title=f"(a) col(E) → top-{k} eigenvectors", ylabel="share")
     ax2 = ax.twinx()
-    ax2.plot(x, get("max_angle_deg"), color="C1", label="largest principal angle, E's top directions vs top-k (right)")
+    ax2.plot(x, get("max_angle_deg"), color="C1",
+             label="largest principal angle, E's top directions vs top-k (right)")
     ax2.plot(x, get("mean_angle_deg"), color="C1", ls="--", label="mean principal angle (right)")
     ax2.set_ylabel("degrees")
     ax2.set_ylim(0, 92)
@@ -477,7 +487,8 @@ def plot_dynamics(path, name, history, res):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"App. F dynamics of the tied Node2Vec on {name} (N = {res['num_nodes']}, top-k = {k})", fontsize=12)
+    fig.suptitle(f"App. F dynamics of the tied Node2Vec on {name} (N = {res['num_nodes']}, top-k = {k})",
+                 fontsize=12)
     save_figure(fig, path, dpi=85)
 
 
@@ -498,7 +509,8 @@ def summary_text(name, r):
              f"cos 1/2/3+ hops: {r['cos_1hop']:.2f} / {r['cos_2hop']:.2f} / "
              + ("–" if r['cos_3plus_hops'] is None else f"{r['cos_3plus_hops']:.2f}")]
     if "navigation_top1" in r:
-        lines.append(f"navigation top-1 {r['navigation_top1']:.2f} (chance {r['navigation_chance_top1']:.2f})")
+        lines.append(f"navigation top-1 {r['navigation_top1']:.2f} "
+                     f"(chance {r['navigation_chance_top1']:.2f})")
     return "\n".join(lines)
 
 
@@ -532,7 +544,8 @@ def plot_width(path, results):
         axes[0].plot(w, [x["energy_top_k"] for x in rows], "o-", label=f"{name} (N={N}, k={k})")
         axes[1].plot(w, [x["k95"] / N for x in rows], "o-", label=name)
         axes[2].plot(w, [x["loss"] for x in rows], "o-", label=name)
-    axes[0].set(title="share of ‖E‖² in the main run's top-k eigenvectors", ylabel="share", ylim=(-0.02, 1.02))
+    axes[0].set(title="share of ‖E‖² in the main run's top-k eigenvectors", ylabel="share",
+                ylim=(-0.02, 1.02))
     axes[1].set(title="top eigenvectors needed for 95% of ‖E‖², / N", ylabel="k95 / N", ylim=(0, 1.02))
     axes[2].set(title="final loss", ylabel="loss")
     nmax = max(r["main"]["num_nodes"] for r in results.values())
@@ -542,7 +555,8 @@ def plot_width(path, results):
         ax.set_xlabel("width (embedding dimension)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("§4.3: the spectral bias does not need a bottleneck (widths far above the node count)", fontsize=11)
+    fig.suptitle("§4.3: the spectral bias does not need a bottleneck (widths far above the node count)",
+                 fontsize=11)
     save_figure(fig, path, dpi=90)
 
 
@@ -563,11 +577,13 @@ def plot_untied_spectrum(path, results):
                     label=f"{variant} (neg. share {r['negative_logit_share']:.2f})")
         ax.axhline(0, color="k", lw=0.5)
         ax.set_yscale("symlog", linthresh=1)
-        ax.set(title=name, xlabel="Laplacian eigenvector i (top → bottom = zigzag)", ylabel="v_iᵀ W v_i (symlog)")
+        ax.set(title=name, xlabel="Laplacian eigenvector i (top → bottom = zigzag)",
+               ylabel="v_iᵀ W v_i (symlog)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("§4.4: the trained logit matrix W along each Laplacian eigenvector. Untied models put negative\n"
-                 "logits on the bottom (zigzag) eigenvectors, tied ones cannot, and self-edges shrink them",
+    fig.suptitle("§4.4: the trained logit matrix W along each Laplacian eigenvector. Untied models put "
+                 "negative\nlogits on the bottom (zigzag) eigenvectors, tied ones cannot, and self-edges shrink "
+                 "them",
                  fontsize=11)
     save_figure(fig, path, dpi=90)
 
@@ -640,7 +656,8 @@ def main(argv=None):
         for name in extra:
             t = time.time()
             g = states[name]["graph"]
-            write_json(os.path.join(args.out, "graphs", f"{name}_self_edges.json"), graph_json(with_self_edges(g)))
+            write_json(os.path.join(args.out, "graphs", f"{name}_self_edges.json"),
+                       graph_json(with_self_edges(g)))
             main_run = {"state": states[name], "result": results[name]["main"]}
             results[name]["untied"] = run_untied(name, g, main_run, args, device, args.out)
             times[f"untied/{name}"] = time.time() - t

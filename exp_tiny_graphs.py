@@ -49,19 +49,22 @@ REGULARIZERS = {
 
 def get_args(argv=None):
     p = ArgParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--graph", nargs="+", choices=("all",) + TINY_GRAPHS, default=["all"], help="graphs to run")
-    p.add_argument("--model", nargs="+", choices=("all",) + MODELS, default=["all"], help="models of the main study")
+    p.add_argument("--graph", nargs="+", choices=("all",) + TINY_GRAPHS, default=["all"],
+                   help="graphs to run")
+    p.add_argument("--model", nargs="+", choices=("all",) + MODELS, default=["all"],
+                   help="models of the main study")
     p.add_argument("--study", nargs="+", choices=("all",) + STUDIES, default=["all"], help="studies to run")
     p.add_argument("--steps-scale", type=float, default=1.0,
                    help="multiply every model's step count (the paper's counts at 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the path-star ids and of every init")
     p.add_argument("--tinynn-recipe", choices=("paper", "authors"), default="paper",
-                   help="TinyNN: App. B.2.2 (width 512, 10,000 steps, constant lr, no bias) or the release's "
-                   "notebook (width 32/32/512/16, 500/500/10,000/1,000 steps, cosine to lr/10 but on the cycle, "
-                   "a bias)")
+                   help="TinyNN: App. B.2.2 (width 512, 10,000 steps, constant lr, no bias) or the "
+                   "release's notebook (width 32/32/512/16, 500/500/10,000/1,000 steps, cosine to lr/10 but "
+                   "on the cycle, a bias)")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:i] or auto")
     p.add_argument("--out", default="runs/tiny_graphs", help="output folder")
-    p.add_argument("--quick", action="store_true", help="smoke preset: --steps-scale 0.02 (explicit flags win)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke preset: --steps-scale 0.02 (explicit flags win)")
     args = parse_with_presets(p, {"quick": QUICK}, argv)
     if not args.steps_scale > 0:
         die("--steps-scale must be > 0")
@@ -132,14 +135,16 @@ def node_order(graph):
 
 
 def spectrum(E, V):
-    """|E^T v_i| / |E^T v_2| over the Laplacian eigenvectors, top first, the top (near-constant) v_1 dropped."""
+    """|E^T v_i| / |E^T v_2| over the Laplacian eigenvectors, top first, the top (near-constant) v_1
+    dropped."""
     proj = np.linalg.norm(V.T @ E, axis=1)
     return proj[1:] / proj[1]
 
 
 def geometric_logits(E, W):
-    """App. B.5: keep only W's diagonal in the basis of E's right singular vectors, W' = V diag(v_i^T W v_i) V^T;
-    the logit matrix of source u is e_u W'^T E^T (nn.Linear computes x W^T)."""
+    """App. B.5: keep only W's diagonal in the basis of E's right singular vectors,
+    W' = V diag(v_i^T W v_i) V^T; the logit matrix of source u is e_u W'^T E^T (nn.Linear computes
+    x W^T)."""
     _, _, Vt = np.linalg.svd(E, full_matrices=False)
     d = np.einsum("id,de,ie->i", Vt, W, Vt)
     Wg = Vt.T @ np.diag(d) @ Vt
@@ -151,8 +156,8 @@ def geometric_logits(E, W):
 
 # TinyNN in the release's notebook (experiment_notebooks/tiny_neural_network.ipynb): width, lr, steps,
 # final lr fraction of a cosine without warm-up (1.0 = constant)
-AUTHORS_TINYNN = {"path_star": (32, 1e-2, 500, 0.1), "grid": (32, 1e-2, 500, 0.1), "cycle": (512, 1e-2, 10000, 1.0),
-                  "irregular": (16, 5e-3, 1000, 0.1)}
+AUTHORS_TINYNN = {"path_star": (32, 1e-2, 500, 0.1), "grid": (32, 1e-2, 500, 0.1),
+                  "cycle": (512, 1e-2, 10000, 1.0), "irregular": (16, 5e-3, 1000, 0.1)}
 
 
 def recipe(model, graph_name, scale, tinynn="paper"):
@@ -175,7 +180,8 @@ def build(model, vocab, width, init_std=0.02, dropout=0.0, bias=False):
                              freeze_embeddings=model == "associative_gpt"))
     if model == "tinyssm":
         return Mamba(MambaConfig(vocab.size, n_layer=1, n_embd=width))
-    return TinyNN(TinyNNConfig(vocab.size, width, init_std, dropout, freeze_embeddings=model == "associative_nn",
+    return TinyNN(TinyNNConfig(vocab.size, width, init_std, dropout,
+                               freeze_embeddings=model == "associative_nn",
                                bias=bias))
 
 
@@ -193,9 +199,10 @@ def fit(model_name, graph, graph_name, args, device, edges, eval_every=None, wid
     if model_name == "node2vec":
         net = Node2Vec(Node2VecConfig(N, width)).to(device)
         snaps = range(0, steps + 1, eval_every) if eval_every else ()
-        recs = train_node2vec(net, neighbour_targets(adjacency(graph), device), steps, lr, snapshot_steps=snaps)
-        history = [{"epoch": r["step"], "edge_recovery": logit_recall((r["params"]["E"] @ r["params"]["E"].T).numpy(),
-                                                                     edges),
+        recs = train_node2vec(net, neighbour_targets(adjacency(graph), device), steps, lr,
+                              snapshot_steps=snaps)
+        history = [{"epoch": r["step"],
+                    "edge_recovery": logit_recall((r["params"]["E"] @ r["params"]["E"].T).numpy(), edges),
                     "geometric_level": geometric_level(r["params"]["E"].numpy(), und)} for r in recs]
         return net.E.detach().cpu().numpy(), history
     vocab = Vocab(N)
@@ -204,7 +211,8 @@ def fit(model_name, graph, graph_name, args, device, edges, eval_every=None, wid
 
     def evaluate(m):
         E = token_embeddings(m, N)
-        res = {"edge_recovery": edge_recall(m, edges, vocab, device), "geometric_level": geometric_level(E, und)}
+        res = {"edge_recovery": edge_recall(m, edges, vocab, device),
+               "geometric_level": geometric_level(E, und)}
         if isinstance(m, TinyNN):  # margin over training: is the geometry there early and lost later?
             W = m.W.weight.detach().cpu().numpy()
             res["geometric_margin"] = edge_margin(geometric_logits(E, W), edges)
@@ -218,8 +226,9 @@ def fit(model_name, graph, graph_name, args, device, edges, eval_every=None, wid
     phase = Phase("edges", [(X.to(device), Y.to(device))], steps, len(X), lr, 0, final_lr_frac=final_frac,
                   grad_clip=0)
     betas = (0.9, 0.999) if authors else (0.9, 0.95)
-    history += train(net, [phase], weight_decay=weight_decay, evaluate=evaluate, eval_every=eval_every or steps,
-                     device=device, seed=args.seed, desc=f"{graph_name} {model_name}", betas=betas)
+    history += train(net, [phase], weight_decay=weight_decay, evaluate=evaluate,
+                     eval_every=eval_every or steps, device=device, seed=args.seed,
+                     desc=f"{graph_name} {model_name}", betas=betas)
     return token_embeddings(net, N), history
 
 
@@ -229,7 +238,8 @@ def measures(E, history, V):
     last = history[-1]
     return {"edge_recovery": last["edge_recovery"], "geometric_level": last["geometric_level"],
             "geometric_margin": last.get("geometric_margin"),
-            "geometric_margin_authors": last.get("geometric_margin_authors"), "spectrum": spectrum(E, V).tolist()}
+            "geometric_margin_authors": last.get("geometric_margin_authors"),
+            "spectrum": spectrum(E, V).tolist()}
 
 
 # ----------------------------------------------------------------------------- figures
@@ -251,7 +261,8 @@ def draw3d(ax, E, graph, title):
     P, var = pca3(E)
     for u, v in undirected_edges(graph):
         ax.plot(*P[[u, v]].T, color="0.55", lw=0.8)
-    ax.scatter(*P.T, c=np.arange(len(P)), cmap="viridis", s=18, depthshade=False, edgecolors="k", linewidths=0.3)
+    ax.scatter(*P.T, c=np.arange(len(P)), cmap="viridis", s=18, depthshade=False, edgecolors="k",
+               linewidths=0.3)
     if "arms" in graph.graph:
         ax.scatter(*P[graph.graph["root"]], color="red", s=40, label="root")
     ax.set_title(f"{title}\n(top-3 PCs: {var:.0%} of variance)", fontsize=8)
@@ -298,7 +309,8 @@ def plot_spectra(path, results, evals):
             ax.plot(i, r["spectrum"], "o-", ms=3, label=model)
         ax.plot(i, lam[1:] / lam[1], "k--", label="λ_i / λ_2")
         ax.axhline(0, color="k", lw=0.5)
-        ax.set(title=g, xlabel="Laplacian eigenvector i (top first, v_1 dropped)", ylabel="|Eᵀv_i| / |Eᵀv_2|")
+        ax.set(title=g, xlabel="Laplacian eigenvector i (top first, v_1 dropped)",
+               ylabel="|Eᵀv_i| / |Eᵀv_2|")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Embedding energy along each Laplacian eigenvector (geometric models: mass on the top ones)",
@@ -325,7 +337,8 @@ def run_main(graphs, models, args, device, out):
             print(f"  {g:9s} {model:15s} edge recovery {r['edge_recovery']:.3f}  geometric level "
                   f"{r['geometric_level']:+.3f}  margin {r['geometric_margin']}")
     plot_heatmaps(os.path.join(out, "heatmaps.png"), models, graphs, embs,
-                  "Cosine similarity of node embeddings (rows: graphs; path-star ordered root, then arm by arm)")
+                  "Cosine similarity of node embeddings (rows: graphs; path-star ordered root, then arm by "
+                  "arm)")
     plot_grid3d(os.path.join(out, "embeddings_3d.png"), models, graphs, embs,
                 "Node embeddings, top-3 principal components, graph edges drawn")
     plot_spectra(os.path.join(out, "spectrum.png"), results, evals)
@@ -359,14 +372,15 @@ def plot_speed(path, g, by_model):
         for model, hs in by_model.items():
             if key not in hs[-1]:
                 continue
-            ax.plot([h["epoch"] for h in hs], [h[key] for h in hs], marker="o" if len(hs) < 20 else None, ms=3,
-                    label=model)
+            ax.plot([h["epoch"] for h in hs], [h[key] for h in hs], marker="o" if len(hs) < 20 else None,
+                    ms=3, label=model)
         ax.set_xscale("symlog", linthresh=1)
-        ax.set(title=f"{g}: {key.replace('_', ' ')}", xlabel="full-batch step (symlog)", ylabel=key.replace("_", " "))
+        ax.set(title=f"{g}: {key.replace('_', ' ')}", xlabel="full-batch step (symlog)",
+               ylabel=key.replace("_", " "))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Memorization speed: wide associative control (frozen embeddings, lr 0.1) vs trainable embeddings",
-                 fontsize=10)
+    fig.suptitle("Memorization speed: wide associative control (frozen embeddings, lr 0.1) vs trainable "
+                 "embeddings", fontsize=10)
     save_figure(fig, path, dpi=90)
 
 
@@ -398,8 +412,9 @@ def run_regularizers(args, device, out):
 def regularizer_table(res):
     lines = ["| setting | self-edges | init std | lr | wd | dropout | edge recovery | geometric level | "
              "geometric margin |", "|" + "---|" * 9]
-    lines += [f"| {n} | {r['self_edges']} | {r['init_std']} | {r['lr']:g} | {r['weight_decay']:g} | {r['dropout']:g} "
-              f"| {r['edge_recovery']:.3f} | {r['geometric_level']:+.3f} | {r['geometric_margin']:+.3f} |"
+    lines += [f"| {n} | {r['self_edges']} | {r['init_std']} | {r['lr']:g} | {r['weight_decay']:g} "
+              f"| {r['dropout']:g} | {r['edge_recovery']:.3f} | {r['geometric_level']:+.3f} "
+              f"| {r['geometric_margin']:+.3f} |"
               for n, r in res.items()]
     return "\n".join(lines) + "\n"
 
