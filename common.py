@@ -988,6 +988,15 @@ def greedy_decode(model, prompts, n_new, device, chunk=4096):
     return torch.cat(out)
 
 
+def decode_answer(model, prompts, answers, device):
+    """The model's own (P, l) answer to each prompt, scored position by position against the true
+    (P, l) answers: position 0 from the prompt alone, positions 1.. by greedy decoding from the
+    prompt plus the true position 0 (the start node, which the task gives)."""
+    start = greedy_decode(model, prompts, 1, device)
+    rest = greedy_decode(model, torch.cat([prompts, answers[:, :1]], 1), answers.shape[1] - 1, device)
+    return torch.cat([start, rest], 1)
+
+
 def top_k_hits(scores, target, k, ignore=None):
     """(R,) bool: is each row's target among its k best scores? Ties and non-finite values count
     against the model: the row must be finite and fewer than k other entries may reach the
@@ -1224,7 +1233,7 @@ def save_checkpoint(path, model, opt, epoch, history, gen, config):
 
 # flags that may differ between a run and its resumption
 RESUME_FREE = {"resume", "device", "out", "bench", "compile", "cuda_graph", "ckpt_every", "time_limit",
-               "parallel"}
+               "parallel", "graph"}  # graph: a label derived from the flags
 
 
 def config_diff(saved, config):

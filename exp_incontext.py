@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from common import (GPT, ArgParser, GPTConfig, Phase, Vocab, add_adamw_flags, autocast, config_diff,
-                    device_name, die, greedy_decode, loss_tail, parse_with_presets, pick_device, plot_panels,
+                    decode_answer, device_name, die, loss_tail, parse_with_presets, pick_device, plot_panels,
                     prepare_out, preset_help, seed_everything, token_embeddings, train, write_json)
 
 MODES = ("standard", "teacherless", "reverse")
@@ -201,7 +201,6 @@ def make_evaluate(splits, mode, args, device):
       exp_pathstar.py; teacherless: the one-pass read-out with [BLANK] inputs.
     forced_token_acc: per position given the true answer prefix (teacher forcing), where the
       Clever-Hans pattern shows; teacherless has no prefix: equal to token_acc."""
-    l = args.path_length
 
     def evaluate(model):
         res = {}
@@ -210,9 +209,7 @@ def make_evaluate(splits, mode, args, device):
             if mode == "teacherless":
                 correct = forced
             else:
-                start_ok = greedy_decode(model, prompt, 1, device)[:, 0] == answer[:, 0]
-                rest = greedy_decode(model, torch.cat([prompt, answer[:, :1]], 1), l - 1, device)
-                correct = torch.cat([start_ok[:, None], rest == answer[:, 1:]], 1).float()
+                correct = (decode_answer(model, prompt, answer, device) == answer).float()
             res[f"{split}_first_token_acc"] = correct[:, 1].mean().item()
             res[f"{split}_path_acc"] = correct.all(1).float().mean().item()
             res[f"{split}_token_acc"] = correct.mean(0).tolist()

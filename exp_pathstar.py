@@ -17,13 +17,12 @@ import numpy as np
 import torch
 
 from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig, Phase, Vocab,
-                    add_adamw_flags, arm_edges, autocast, benchmark, config_diff, curve_band, device_name,
-                    die, edge_group, edge_recall, geometric_level, greedy_decode, k_for_energy,
-                    laplacian_eigs, navigation_score, neighbour_targets, node2vec_loss, parse_with_presets,
-                    path_group, path_prompts, path_star, path_targets, pick_device, plot_cosine_heatmap,
-                    plot_curves, plot_panels, prepare_out, preset_help, seed_everything, spectral_energy,
-                    spectral_share, split_arms, spread, token_embeddings, train, train_node2vec, write_json,
-                    write_spread_csv)
+                    add_adamw_flags, arm_edges, autocast, benchmark, config_diff, curve_band, decode_answer,
+                    device_name, die, edge_group, edge_recall, geometric_level, k_for_energy, laplacian_eigs,
+                    navigation_score, neighbour_targets, node2vec_loss, parse_with_presets, path_group,
+                    path_prompts, path_star, path_targets, pick_device, plot_cosine_heatmap, plot_curves,
+                    plot_panels, prepare_out, preset_help, seed_everything, spectral_energy, spectral_share,
+                    split_arms, spread, token_embeddings, train, train_node2vec, write_json, write_spread_csv)
 
 # CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (docs/notes.md).
 # It keeps nanoGPT's AdamW (betas 0.95, clipping at 1, no decay on biases and norms): over seeds 0-2
@@ -50,9 +49,11 @@ SWEEPS = {
 }
 
 
-def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None, sweeps=True):
-    """Flags of the path-star experiment; exp_mamba.py and exp_treestar.py reuse them with their
-    own defaults and preset (`add_flags(parser)` adds a script's own flags)."""
+def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None, sweeps=True,
+             graph_name=None):
+    """Flags of the path-star experiment; other scripts reuse them with their own defaults and
+    preset (`add_flags(parser)` adds a script's own flags, `graph_name(args)` names its graph in
+    labels and titles; default G(d, l))."""
     p = ArgParser(description=doc.split("\n\n")[0])
     if add_flags:
         add_flags(p)
@@ -141,6 +142,7 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
                        "process (on a GPU they share it; on the CPU they share its threads)")
     p.set_defaults(**(defaults or {}))
     args = parse_with_presets(p, {"quick": quick}, argv)
+    args.graph = graph_name(args) if graph_name else f"G({args.n},{args.l})"
     checks = [(args.n >= 2, "--n must be >= 2 (arms; some leaves are held out)"),
               (args.l >= 2, "--l must be >= 2 (nodes per root-to-leaf path, root included)"),
               (0 < args.train_frac < 1, "--train-frac must be in (0, 1)"),
@@ -210,9 +212,7 @@ def make_evaluate(data, args, device, measure=None):
     def evaluate(model):
         res = {}
         for split, (prompts, targets) in splits.items():
-            start = greedy_decode(model, prompts, 1, device)
-            rest = greedy_decode(model, torch.cat([prompts, targets[:, :1]], 1), args.l - 1, device)
-            predicted = torch.cat([start, rest], 1)
+            predicted = decode_answer(model, prompts, targets, device)
             correct = (predicted == targets).float()
             res[f"{split}_first_token_acc"] = correct[:, 1].mean().item()
             res[f"{split}_path_acc"] = correct.all(1).float().mean().item()
@@ -263,8 +263,7 @@ def phases_for(data, args, device):
 
 
 def scale(args):
-    graph = f"T({args.n},{args.b},{args.l})" if getattr(args, "b", None) else f"G({args.n},{args.l})"
-    return f"{graph}, {'GPT' if args.model == 'gpt' else 'Mamba'} {args.n_layer}L x {args.n_embd}"
+    return f"{args.graph}, {'GPT' if args.model == 'gpt' else 'Mamba'} {args.n_layer}L x {args.n_embd}"
 
 
 def describe(args):

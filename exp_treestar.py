@@ -141,7 +141,7 @@ def build_split(args):
 
 def main(argv=None):
     args = exp_pathstar.get_args(argv, doc=__doc__, defaults=dict(n=1000, l=5), quick=QUICK,
-                                 add_flags=add_flags)
+                                 add_flags=add_flags, graph_name=lambda a: f"T({a.n},{a.b},{a.l})")
     if args.b < 1:
         die("--b must be >= 1")
     if args.sweep and args.split == "both":

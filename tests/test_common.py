@@ -7,10 +7,10 @@ import torch
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from common import (GPT, GPTConfig, GroupSampler, Phase, Stepper, Vocab, arm_edges, edge_group, edge_recall, forever,
-                    make_optimizer, set_lr, top_k_hits,
-                    cosine_matrix, greedy_decode, loss_tail, lr_at, navigation_score, path_group, path_prompts,
-                    path_star, path_targets, split_arms, train)
+from common import (GPT, GPTConfig, GroupSampler, Phase, Stepper, Vocab, adjacency, arm_edges, cosine_matrix,
+                    decode_answer, edge_group, edge_recall, forever, greedy_decode, grid_graph, loss_tail,
+                    lr_at, make_optimizer, navigation_score, path_group, path_prompts, path_star,
+                    path_targets, set_lr, split_arms, tiny_graph, top_k_hits, train)
 
 
 @pytest.mark.parametrize("d,l", [(1, 2), (3, 5), (50, 4), (7, 10)])
@@ -43,6 +43,32 @@ def test_split_disjoint_covering():
     assert len(tr) == 30 and len(te) == 10
     assert not tr & te and tr | te == {a[-1] for a in arms}
     assert split_arms(arms, 0.75, seed=5) == (train_arms, test_arms)
+
+
+@pytest.mark.parametrize("name,nodes,edges,components", [
+    ("path_star", 17, 16, 1), ("grid", 16, 24, 1), ("cycle", 15, 15, 1), ("irregular", 16, 20, 2)])
+def test_tiny_graphs(name, nodes, edges, components):
+    g = tiny_graph(name)
+    assert sorted(g) == list(range(nodes))
+    assert g.number_of_edges() == edges and nx.number_of_selfloops(g) == 0
+    assert nx.number_connected_components(g) == components
+    loops = tiny_graph(name, self_edges=True)
+    assert nx.number_of_selfloops(loops) == nodes and loops.number_of_edges() == edges + nodes
+    assert np.allclose(np.diag(adjacency(loops)), 1)  # a self-edge is one u -> u example
+
+
+def test_tiny_graph_shapes():
+    star = tiny_graph("path_star", seed=3)
+    assert nx.is_tree(star) and star.degree(star.graph["root"]) == 4
+    assert [len(a) for a in star.graph["arms"]] == [5] * 4
+    assert tiny_graph("path_star", seed=3).graph["arms"] == star.graph["arms"]  # seeded ids
+    assert all(d == 2 for _, d in tiny_graph("cycle").degree)
+    assert sorted(map(len, nx.connected_components(tiny_graph("irregular")))) == [4, 12]
+    g = grid_graph(3, 5)
+    assert g.has_edge(0, 1) and g.has_edge(0, 5) and not g.has_edge(4, 5)  # node r * cols + c
+    assert sorted(d for _, d in g.degree).count(2) == 4
+    with pytest.raises(ValueError):
+        tiny_graph("torus")
 
 
 def test_edges_each_direction():
@@ -210,6 +236,9 @@ def test_greedy_decode_and_edge_recall_on_a_perfect_lookup():
                                                vocab.size).float()
     out = greedy_decode(Table(), torch.tensor([[0], [2]]), 3, "cpu")
     assert out.tolist() == [[1, 2, 3], [3, 0, 1]]
+    # the answer: position 0 from the prompt alone, the rest from the prompt plus the true start
+    answers = torch.tensor([[1, 2, 3], [0, 0, 1]])
+    assert decode_answer(Table(), torch.tensor([[0], [2]]), answers, "cpu").tolist() == [[1, 2, 3], [3, 1, 2]]
     assert edge_recall(Table(), np.array([[0, 1], [1, 2], [2, 0]]), vocab, "cpu") == pytest.approx(2 / 3)
 
 

@@ -13,35 +13,6 @@ from common import (TINY_GRAPHS, Node2Vec, Node2VecConfig, adjacency, coefficien
 from conftest import figure_ok
 
 
-# ----------------------------------------------------------------------------- graphs
-
-
-@pytest.mark.parametrize("name,nodes,edges,components", [
-    ("path_star", 17, 16, 1), ("grid", 16, 24, 1), ("cycle", 15, 15, 1), ("irregular", 16, 20, 2)])
-def test_tiny_graphs(name, nodes, edges, components):
-    g = tiny_graph(name)
-    assert sorted(g) == list(range(nodes))
-    assert g.number_of_edges() == edges and nx.number_of_selfloops(g) == 0
-    assert nx.number_connected_components(g) == components
-    loops = tiny_graph(name, self_edges=True)
-    assert nx.number_of_selfloops(loops) == nodes and loops.number_of_edges() == edges + nodes
-    assert np.allclose(np.diag(adjacency(loops)), 1)  # a self-edge is one u -> u example
-
-
-def test_tiny_graph_shapes():
-    star = tiny_graph("path_star", seed=3)
-    assert nx.is_tree(star) and star.degree(star.graph["root"]) == 4
-    assert [len(a) for a in star.graph["arms"]] == [5] * 4
-    assert tiny_graph("path_star", seed=3).graph["arms"] == star.graph["arms"]  # seeded ids
-    assert all(d == 2 for _, d in tiny_graph("cycle").degree)
-    assert sorted(map(len, nx.connected_components(tiny_graph("irregular")))) == [4, 12]
-    g = grid_graph(3, 5)
-    assert g.has_edge(0, 1) and g.has_edge(0, 5) and not g.has_edge(4, 5)  # node r * cols + c
-    assert sorted(d for _, d in g.degree).count(2) == 4
-    with pytest.raises(ValueError):
-        tiny_graph("torus")
-
-
 # ----------------------------------------------------------------------------- spectra
 
 
