@@ -163,7 +163,8 @@ def test_gpt_positions_fixed_or_learned(learned):
     trained = dict(model.named_parameters())
     assert ("wpe" in trained) == learned
     if not learned:  # the sinusoidal table (App. B.2.1): row 0 is sin(0), cos(0) pairs
-        assert torch.allclose(model.wpe[0, 0::2], torch.zeros(8)) and torch.allclose(model.wpe[0, 1::2], torch.ones(8))
+        assert torch.allclose(model.wpe[0, 0::2], torch.zeros(8))
+        assert torch.allclose(model.wpe[0, 1::2], torch.ones(8))
     x = torch.randint(0, 23, (2, 6))
     y = torch.randint(0, 23, (2, 6))
     model(x, y)[1].backward()
@@ -216,7 +217,8 @@ def test_lr_schedule():
 
 def test_sampler_proportions_and_coverage():
     A = (torch.arange(90).view(-1, 1), torch.zeros(90, 1, dtype=torch.long))
-    B = (torch.arange(100, 110).view(-1, 1, 1).expand(-1, 1, 3).reshape(10, 3), torch.zeros(10, 3, dtype=torch.long))
+    B = (torch.arange(100, 110).view(-1, 1, 1).expand(-1, 1, 3).reshape(10, 3),
+         torch.zeros(10, 3, dtype=torch.long))
     s = GroupSampler([A, B], batch_size=20, generator=torch.Generator().manual_seed(0))
     assert s.steps_per_epoch == 5 and s.shares == [18, 2]
     seen = torch.cat([A[0][rows[0]].flatten() for rows in s.epoch()])

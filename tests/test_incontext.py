@@ -158,6 +158,7 @@ def test_defaults_follow_bn24_and_quick_keeps_its_optimizer():
     """B&N'24 train with AdamW (0.9, 0.999), no clipping, a constant lr in effect; --quick keeps the
     optimizer its preset was measured with."""
     full = exp_incontext.get_args([])
-    assert (full.betas, full.grad_clip, full.final_lr_frac, full.positions) == ([0.9, 0.999], 0.0, 1.0, "learned")
+    assert (full.betas, full.grad_clip, full.final_lr_frac, full.positions) == \
+        ([0.9, 0.999], 0.0, 1.0, "learned")
     quick = exp_incontext.get_args(["--quick"])
     assert (quick.betas, quick.grad_clip, quick.final_lr_frac) == ([0.9, 0.95], 1.0, 0.1)

@@ -46,7 +46,8 @@ def test_principal_angles():
     e = np.eye(20)
     assert np.allclose(principal_angles(e[:, :2], e[:, 2:4]), np.pi / 2)
     theta = 0.3
-    assert np.allclose(principal_angles(e[:, [0]], np.cos(theta) * e[:, [0]] + np.sin(theta) * e[:, [1]]), theta)
+    rotated = np.cos(theta) * e[:, [0]] + np.sin(theta) * e[:, [1]]
+    assert np.allclose(principal_angles(e[:, [0]], rotated), theta)
 
 
 @pytest.mark.parametrize("self_edges", [False, True])
@@ -125,7 +126,8 @@ def test_smoke(tmp_path):
     for name, N in (("cycle", 15), ("path_star_large", 41)):
         r = m["results"][name]
         assert set(r) == {"main", "dynamics", "width", "untied"}
-        assert 0 <= r["main"]["energy_top_k"] <= 1 + 1e-12 and 1 <= r["main"]["k"] <= N  # a share, up to rounding
+        # a share, up to rounding
+        assert 0 <= r["main"]["energy_top_k"] <= 1 + 1e-12 and 1 <= r["main"]["k"] <= N
         assert [w["width"] for w in r["width"]] == [8, 32]
         assert set(r["untied"]) == set(exp_node2vec.UNTIED_VARIANTS)
         assert r["untied"]["tied"]["negative_logit_share"] < 1e-6  # E E^T is PSD
@@ -147,7 +149,8 @@ def test_graph_and_study_selection():
     studies, graphs, extra = exp_node2vec.plan(exp_node2vec.get_args(["--study", "untied"]))
     assert studies == {"main", "untied"}  # main always runs
     assert graphs == list(exp_node2vec.GRAPHS) and extra == list(TINY_GRAPHS)
-    studies, graphs, extra = exp_node2vec.plan(exp_node2vec.get_args(["--graph", "grid_large", "cycle", "cycle"]))
+    args = exp_node2vec.get_args(["--graph", "grid_large", "cycle", "cycle"])
+    studies, graphs, extra = exp_node2vec.plan(args)
     assert studies == set(exp_node2vec.STUDIES) and graphs == extra == ["grid_large", "cycle"]
 
 

@@ -141,7 +141,8 @@ def test_killed_run_resumes_to_the_same_history(tmp_path):
 
 def test_sweep_writes_arms_and_summary(tmp_path):
     out = tmp_path / "sweep"
-    rows = exp_pathstar.main(TINY + ["--sweep", "frozen", "--epochs", "2", "--eval-every", "1", "--out", str(out)])
+    rows = exp_pathstar.main(TINY + ["--sweep", "frozen", "--epochs", "2", "--eval-every", "1",
+                                     "--out", str(out)])
     assert [r["arm"] for r in rows] == ["trained", "frozen"]
     for arm in ("trained", "frozen"):
         m = json.load(open(out / arm / "metrics.json"))
@@ -203,8 +204,10 @@ def test_compiled_run_resumes_eagerly(tmp_path):
     exp_pathstar.main(TINY + ["--epochs", "4", "--eval-every", "2", "--compile", "--time-limit", "1e-6",
                               "--out", out])
     assert json.load(open(os.path.join(out, "metrics.json")))["epochs_done"] == 2  # stopped by the limit
-    assert not any("_orig_mod" in k for k in torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["model"])
-    hist = exp_pathstar.main(TINY + ["--epochs", "4", "--eval-every", "2", "--no-compile", "--resume", "--out", out])
+    saved = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["model"]
+    assert not any("_orig_mod" in k for k in saved)
+    hist = exp_pathstar.main(TINY + ["--epochs", "4", "--eval-every", "2", "--no-compile", "--resume",
+                                     "--out", out])
     assert [h["epoch"] for h in hist["history"]] == [2, 4]
 
 
@@ -278,7 +281,7 @@ def test_learned_positions_start_unit_normal():
 
 def test_epochs_to_level():
     h = [{"epoch": e, "test_first_token_acc": a} for e, a in [(10, 0.1), (20, 0.6), (30, 0.95)]]
-    assert (exp_pathstar.epochs_to(h, 0.5), exp_pathstar.epochs_to(h, 0.9), exp_pathstar.epochs_to(h, 0.99)) == \
+    assert tuple(exp_pathstar.epochs_to(h, level) for level in (0.5, 0.9, 0.99)) == \
         (20, 30, None)
 
 

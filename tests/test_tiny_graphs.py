@@ -27,7 +27,8 @@ def test_edge_examples():
 def test_spectrum_known_answer():
     _, V = laplacian_eigs(tiny_graph("grid"))
     E = V[:, [1, 2, 5]] @ np.diag([2.0, 1.0, 0.5])  # energy 2, 1, 0.5 on v_2, v_3, v_6
-    R = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]  # a rotation of the columns changes nothing
+    # a rotation of the columns changes nothing
+    R = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]
     expect = np.zeros(15)
     expect[[0, 1, 4]] = [1.0, 0.5, 0.25]
     assert np.allclose(tg.spectrum(E, V), expect)
@@ -45,7 +46,8 @@ def test_geometric_margin_known_answers():
     W = R.T @ np.diag(lam / s ** 2) @ R
     assert np.allclose(E @ W.T @ E.T, A)
     assert np.isclose(edge_margin(tg.geometric_logits(E, W), edges), 1.0)
-    # associative storage: one-hot embeddings, W = A. W's diagonal is 0, so the geometric model has all-zero logits
+    # associative storage: one-hot embeddings, W = A. W's diagonal is 0, so the geometric model has
+    # all-zero logits
     assert np.isclose(edge_margin(tg.geometric_logits(np.eye(6), A), edges), 0.0)
     assert np.isclose(edge_margin(A, edges), 1.0)
     # the margin is per row and the worst row counts; the self logit is ignored
@@ -55,11 +57,13 @@ def test_geometric_margin_known_answers():
     # the release's margin: mean over rows of best neighbour minus best non-neighbour
     assert np.isclose(edge_margin_authors(L, edges), (5 * 1.0 - 0.5) / 6)
     L[2, 1] = 3.0  # one neighbour of row 2 high again: its best neighbour wins, its worst still loses
-    assert np.isclose(edge_margin_authors(L, edges), (5 * 1.0 + 1.5) / 6) and np.isclose(edge_margin(L, edges), -0.5)
+    assert np.isclose(edge_margin_authors(L, edges), (5 * 1.0 + 1.5) / 6)
+    assert np.isclose(edge_margin(L, edges), -0.5)
     # extra columns (special tokens) are non-targets: one above every neighbour sinks that row
     wide = np.concatenate([A, np.zeros((6, 2))], 1)
     wide[0, 7] = 2.0
-    assert np.isclose(edge_margin(wide, edges), -1.0) and np.isclose(edge_margin_authors(wide, edges), (5 - 1) / 6)
+    assert np.isclose(edge_margin(wide, edges), -1.0)
+    assert np.isclose(edge_margin_authors(wide, edges), (5 - 1) / 6)
 
 
 @pytest.mark.parametrize("value", [0.0, float("nan")])
@@ -162,6 +166,7 @@ def test_authors_tinynn_recipe():
     args = tg.get_args(["--steps-scale", "0.02", "--tinynn-recipe", "authors"])
     _, history = tg.fit("tinynn", graph, "grid", args, "cpu", tg.edge_examples(graph), eval_every=5)
     assert [h["epoch"] for h in history] == [0, 5, 10]  # 500 x 0.02 steps
-    assert all(np.isfinite(h["geometric_margin"]) and np.isfinite(h["geometric_margin_authors"]) for h in history)
+    assert all(np.isfinite(h["geometric_margin"]) and np.isfinite(h["geometric_margin_authors"])
+               for h in history)
     net = tg.build("tinynn", Vocab(4), 8, bias=True)
     assert net.W.bias is not None and not net.W.bias.any()
