@@ -1435,13 +1435,17 @@ def plot_cosine_heatmap(path, emb, blocks, labels, title):
 
 
 def plot_panels(path, panels, title, xlabel="epoch"):
-    """Side-by-side line plots. panels: [(subtitle, ylabel, lines, chance or None)], each line
-    (xs, ys, label) or (xs, ys, label, (lows, highs)) with a band (the spread over seeds);
-    an 'accuracy' panel is drawn on [0, 1]."""
+    """Line plots, up to three side by side per row. panels: [(subtitle, ylabel, lines, chance or
+    None)], each line (xs, ys, label) or (xs, ys, label, (lows, highs)) with a band (the spread
+    over seeds); an 'accuracy' panel is drawn on [0, 1]."""
     import matplotlib.ticker
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 1.2, 4.0), squeeze=False)
-    for ax, (subtitle, ylabel, lines, chance) in zip(axes[0], panels):
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols + 1.2, 4.0 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (subtitle, ylabel, lines, chance) in zip(axes.flat, panels):
         for xs, ys, label, *band in lines:
             line, = ax.plot(xs, ys, label=label, lw=1.6, marker="o" if len(xs) <= 12 else None, ms=4)
             if band:

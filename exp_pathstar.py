@@ -593,8 +593,9 @@ def run_seeds(args, device, task=None):
     panels = []
     for key, label in keys:
         lines = [band_line(name, *curve_band(h, key)) for name, h in hist.items()]
+        chance = 1.0 / args.n if key in ("test_first_token_acc", "navigation_acc") else None
         panels.append((label, "accuracy" if key.endswith("_acc") else "value", lines + ref_line(key, lines),
-                       1.0 / args.n if key.endswith("_acc") else None))
+                       chance))
     plot_panels(os.path.join(args.out, "summary.png"), panels,
                 f"{args.sweep or describe(args)}: mean over seeds {seeds}, band = min..max")
     for name, metrics in table.items():

@@ -393,3 +393,15 @@ def test_spectral_share_known_answers():
     random = [spectral_share(np.random.default_rng(s).normal(size=(N, 64)), top) for s in range(5)]
     assert np.mean(random) == pytest.approx(k / (N - 1), rel=0.25)
     assert spectral_share(V[:, k:k + 8], top) == pytest.approx(0.0, abs=1e-6)  # lower eigenvectors: none
+
+
+def test_plot_panels_wraps_rows_of_three(tmp_path):
+    import matplotlib.image
+    from common import plot_panels
+    from conftest import figure_ok
+    line = ([0, 1, 2], [0.1, 0.5, 0.9], "run")
+    for n, rows in ((2, 1), (3, 1), (4, 2), (6, 2)):
+        path = tmp_path / f"p{n}.png"
+        plot_panels(path, [(f"panel {i}", "accuracy", [line], 0.1) for i in range(n)], "title")
+        h, w = matplotlib.image.imread(str(path)).shape[:2]
+        assert figure_ok(path) and round(h / 400) == rows and w <= (5.2 * 3 + 1.2) * 100 + 1
