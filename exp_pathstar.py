@@ -571,10 +571,6 @@ def run_seeds(args, device, task=None):
     else:
         table = {"run": spread({s: per_seed[s]["history"][-1] for s in seeds})}
         hist = {f"mean of {len(seeds)} seeds": [per_seed[s]["history"] for s in seeds]}
-    write_spread_csv(os.path.join(args.out, "summary.csv"), table, seeds, "arm" if args.sweep else "run")
-    write_json(os.path.join(args.out, "metrics.json"), {
-        "config": vars(args), "seeds": seeds, "device": device_name(device),
-        ("arms" if args.sweep else "final"): table if args.sweep else table["run"]})
     keys = [("test_first_token_acc", "held-out first token"), ("test_path_acc", "held-out full path"),
             ("navigation_acc", "navigation (top-1)"), ("edge_acc", "edges memorized")]
     if args.first_token_only or args.no_paths:
@@ -586,7 +582,10 @@ def run_seeds(args, device, task=None):
                 for s in seeds]
         reference = {key: float(np.mean([r[key] for r in refs])) for key, _ in keys if key in refs[0]}
         table["node2vec (edges only)"] = spread({s: r for s, r in zip(seeds, refs)})
-        write_spread_csv(os.path.join(args.out, "summary.csv"), table, seeds, "arm")
+    write_spread_csv(os.path.join(args.out, "summary.csv"), table, seeds, "arm" if args.sweep else "run")
+    write_json(os.path.join(args.out, "metrics.json"), {
+        "config": vars(args), "seeds": seeds, "device": device_name(device),
+        ("arms" if args.sweep else "final"): table if args.sweep else table["run"]})
     band_line = lambda name, epochs, mean, band: (epochs, mean, name, band)
     ref_line = lambda key, lines: [(lines[0][0], [reference[key]] * len(lines[0][0]),
                                     "Node2Vec, edges only")] if key in reference else []

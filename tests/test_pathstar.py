@@ -331,9 +331,10 @@ def test_aux_loss_gradient_is_app_f_coefficient_times_e():
 
 
 def test_headroom_sweep_smoke(tmp_path):
-    out = tmp_path / "hr"
+    top = tmp_path / "hr"
     exp_pathstar.main(TINY + ["--first-token-only", "--epochs", "2", "--eval-every", "1", "--n2v-steps", "20",
-                              "--sweep", "headroom", "--out", str(out)])
+                              "--sweep", "headroom", "--seeds", "0", "--out", str(top)])
+    out = top / "seed0"
     ref = json.load(open(out / "node2vec" / "metrics.json"))
     assert 1 <= ref["k"] <= ref["num_nodes"] and 0 <= ref["spectral_share"] <= 1 + 1e-9
     rows = list(csv.DictReader(open(out / "summary.csv")))
@@ -342,6 +343,13 @@ def test_headroom_sweep_smoke(tmp_path):
     assert m["config"]["aux_weight"] == 0.1 and m["config"]["spectral_k"] == ref["k"]
     assert "spectral_share" in m["final"] and "geometric_level" in m["final"]
     assert figure_ok(out / "headroom.png")
+    # over seeds: the Node2Vec reference is a row of both summaries, next to every arm
+    arms = list(exp_pathstar.SWEEPS["headroom"]) + ["node2vec (edges only)"]
+    assert list(json.load(open(top / "metrics.json"))["arms"]) == arms
+    assert sorted({r["arm"] for r in csv.DictReader(open(top / "summary.csv"))}) == sorted(arms)
+    assert json.load(open(top / "metrics.json"))["arms"]["node2vec (edges only)"]["spectral_share"]["mean"] \
+        == pytest.approx(ref["spectral_share"])
+    assert figure_ok(top / "summary.png")
 
 
 def test_headline_task_learns(tmp_path):
