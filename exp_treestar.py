@@ -16,8 +16,8 @@ import time
 import numpy as np
 
 import exp_pathstar
-from common import (curve_band, die, orient, pick_device, plot_panels, prepare_out, pyplot, save_figure,
-                    split_arms, spread, tree_star, write_json, write_spread_csv)
+from common import (curve_band, device_name, die, orient, pick_device, plot_panels, prepare_out, pyplot,
+                    save_figure, split_arms, spread, tree_star, write_json, write_spread_csv)
 
 # CPU-sized preset: T(100, 2, 4) = 701 nodes, 400 leaves, with the path-star quick model
 QUICK = dict(exp_pathstar.QUICK, n=100, b=2, l=4)
@@ -109,7 +109,8 @@ def run_splits(args, device):
     last = {s: {k: v for k, v in r["history"][-1].items() if k not in ("epoch", "phase", "time_s")}
             for s, r in results.items()}
     write_json(os.path.join(args.out, "metrics.json"), {
-        "config": vars(args), "final": last, "history": {s: r["history"] for s, r in results.items()},
+        "config": vars(args), "device": device_name(device), "final": last,
+        "history": {s: r["history"] for s, r in results.items()},
         "wall_time_s": time.time() - t0})
     chance = 1.0 / args.n
     curves = lambda key: [([h["epoch"] for h in r["history"]], [h[key] for h in r["history"]],
@@ -165,7 +166,7 @@ def main(argv=None):
     table = {sp: spread({s: per_seed[s][sp]["history"][-1] for s in seeds}) for sp in splits}
     write_spread_csv(os.path.join(args.out, "summary.csv"), table, seeds, "split")
     write_json(os.path.join(args.out, "metrics.json"),
-               {"config": vars(args), "seeds": seeds, "splits": table})
+               {"config": vars(args), "seeds": seeds, "device": device_name(device), "splits": table})
     keys = [("test_first_token_acc", "held-out first token"), ("test_path_acc", "held-out full path"),
             ("test_last_hop_trained_sibling", "last hop = a trained sibling leaf")]
 

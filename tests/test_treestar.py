@@ -45,6 +45,7 @@ def test_treestar_smoke(tmp_path):
     out = tmp_path / "tree"
     exp_treestar.main(["--quick", "--n", "6", "--epochs", "2", "--eval-every", "1", "--out", str(out)])
     top = json.load(open(out / "metrics.json"))
+    assert top["device"].startswith("cpu")  # the output contract: config, device, final, history
     assert set(top["final"]) == {"first_token", "leaf"}
     for split in ("first_token", "leaf"):
         m = json.load(open(out / split / "metrics.json"))
@@ -92,6 +93,7 @@ def test_treestar_seeds(tmp_path):
     exp_treestar.main(["--quick", "--n", "6", "--epochs", "2", "--eval-every", "1", "--split", "leaf",
                        "--seeds", "0", "1", "--out", str(out)])
     m = json.load(open(out / "metrics.json"))
+    assert m["device"].startswith("cpu")
     v = [json.load(open(out / f"seed{s}" / "leaf" / "metrics.json"))["final"]["test_last_hop_trained_sibling"]
          for s in (0, 1)]
     assert m["splits"]["leaf"]["test_last_hop_trained_sibling"]["mean"] == pytest.approx(sum(v) / 2)
