@@ -163,6 +163,8 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
               (args.weight_decay >= 0 and 0 <= args.dropout < 1, "bad --weight-decay or --dropout"),
               (not (args.no_paths and args.recipe == "staged"), "--no-paths has no path phase to stage"),
               (not (args.sweep and args.bench), "--bench times one configuration; drop --sweep"),
+              (args.spectral_k >= 0 and args.n2v_steps >= 1 and args.aux_weight >= 0,
+               "--spectral-k and --aux-weight must be >= 0, --n2v-steps >= 1"),
               (getattr(args, "parallel", 1) >= 1, "--parallel must be >= 1"),
               (not args.seeds or len(set(args.seeds)) == len(args.seeds), "--seeds must be distinct"),
               (not (args.seeds and args.bench), "--bench times one configuration; drop --seeds")]
@@ -202,6 +204,8 @@ def make_evaluate(data, args, device, measure=None):
     reversed, and always known). Position 0 is scored from the prompt alone. `measure(split,
     predicted, targets)` -> {name: value}, if given, adds a script's own measures of the (P, l)
     predicted paths (exp_treestar: the share of last hops that pick a trained sibling leaf)."""
+    if args.spectral_k > data["vocab"].num_nodes:
+        die(f"--spectral-k must be at most the graph's {data['vocab'].num_nodes} nodes")
     basis = laplacian_eigs(data["graph"], k=args.spectral_k)[1] if args.spectral_k else None
     splits = {}
     for split in ("test", "train"):

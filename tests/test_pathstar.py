@@ -81,6 +81,9 @@ def test_bench_writes_json(tmp_path):
     (["--device", "cuda"], "CUDA is not available"),
     (["--n", "abc"], "invalid int value"),
     (["--n", "3", "--train-frac", "0.1"], "empty split"),
+    (["--aux-weight", "-1"], "--aux-weight must be >= 0"),
+    (["--n2v-steps", "0"], "--n2v-steps >= 1"),
+    (["--spectral-k", "100000"], "--spectral-k must be at most"),
 ])
 def test_bad_flags_exit_with_one_line(tmp_path, flags, msg, capsys):
     if "cuda" in flags and torch.cuda.is_available():
