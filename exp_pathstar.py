@@ -600,7 +600,8 @@ def run_seeds(args, device, task=None):
         panels.append((label, "accuracy" if key.endswith("_acc") else "value", lines + ref_line(key, lines),
                        chance))
     plot_panels(os.path.join(args.out, "summary.png"), panels,
-                f"{args.sweep or describe(args)}: mean over seeds {seeds}, band = min..max")
+                (f"--sweep {args.sweep}, " if args.sweep else "") + f"{describe(args)}\n"
+                f"mean over seeds {seeds}, band = min..max")
     for name, metrics in table.items():
         for key, label in keys:
             if key in metrics:
