@@ -27,6 +27,7 @@ All rows of a group have the same length, so batches carry no padding; training 
 last k positions, where every group has its losses, so logits are a static slice.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -311,16 +312,18 @@ class CausalSelfAttention(nn.Module):
         causal = torch.ones(cfg.block_size, cfg.block_size).tril().bool()
         self.register_buffer("causal", causal, persistent=False)
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
+        """mask: None (causal) or (B, 1, T, T), True where a position may attend (`Packing`)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
         if T > self.SHORT:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p)
         else:  # fused attention kernels tile 64-128 positions: at T = 2..8 (edges, path prompts)
             # they were half of a G(5000, 5) step on an H200; the explicit T x T product is cheap
+            mask = self.causal[:T, :T] if mask is None else mask
             att = (q @ k.transpose(-2, -1)) * k.shape[-1] ** -0.5
-            att = F.dropout(att.masked_fill(~self.causal[:T, :T], float("-inf")).softmax(-1), p, self.training)
+            att = F.dropout(att.masked_fill(~mask, float("-inf")).softmax(-1), p, self.training)
             y = att @ v
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
@@ -344,9 +347,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
         if self.attn is not None:
-            x = x + self.attn(self.ln_1(x))
+            x = x + self.attn(self.ln_1(x), mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -354,16 +357,21 @@ class TiedLM(nn.Module):
     """A next-token model with tied input/output token embeddings `wte`; subclasses define
     `hidden(idx)` -> (B, T, C). The forward is the one every model of the repository trains with."""
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, packing=None):
         """No targets: logits of the last position (B, V). With targets (B, k), the next tokens of
         the last k positions (-1 = no loss): their logits (B, k, V) and the mean cross-entropy
         over the targets >= 0. The loss positions are a static slice (every group has its losses
-        at the end of its rows), so no mask and no host-device sync."""
-        h = self.hidden(idx)
+        at the end of its rows), so no mask and no host-device sync. With a `packing` (GPT only),
+        idx holds several short rows per row and targets (n,) are those at packing.loss_index."""
         if targets is None:
-            return h[:, -1] @ self.wte.weight.T
-        logits = h[:, idx.shape[1] - targets.shape[1]:] @ self.wte.weight.T
-        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+            return self.hidden(idx)[:, -1] @ self.wte.weight.T
+        if packing is None:
+            h = self.hidden(idx)[:, idx.shape[1] - targets.shape[1]:]
+        else:
+            h = self.hidden(idx, packing.positions, packing.mask)
+            h = h.flatten(0, 1).index_select(0, packing.loss_index)
+        logits = h @ self.wte.weight.T
+        return logits, F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-1)
 
 
 class GPT(TiedLM):
@@ -388,10 +396,13 @@ class GPT(TiedLM):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def hidden(self, idx):
-        x = self.drop(self.wte(idx) + self.wpe[: idx.shape[1]])
+    def hidden(self, idx, positions=None, mask=None):
+        """positions (B, T) and mask (B, 1, T, T): a packed batch (`Packing`), whose positions
+        restart at 0 in each short row; None: positions 0..T-1 and the causal mask."""
+        pos = self.wpe[: idx.shape[1]] if positions is None else F.embedding(positions, self.wpe)
+        x = self.drop(self.wte(idx) + pos)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, mask)
         return self.ln_f(x)
 
     def flops(self, B, T, n_loss):
@@ -778,6 +789,59 @@ def loss_tail(X, Y):
     return X, Y[:, -k:].contiguous()
 
 
+class Packing:
+    """One forward per step instead of one per group: the rows a step takes of each group, of
+    length L, go f = T // L to a row of the longest length T, each its own segment. A
+    block-diagonal causal mask keeps the segments apart and positions restart at 0 in each, so
+    every logit and loss is what it is unpacked (on a GPU a step is then half the kernels, each
+    twice the work: edges are 2 tokens, paths 8). Each row's rest (T - f * L tokens), and the
+    rows that fill up the last packed row of a group, are padding: token 0, a segment of its own,
+    no loss. GPT only (a mask and positions are inputs of attention, not of a scan).
+      positions (B, T), mask (B, 1, T, T): the packed batch's, the same at every step;
+      loss_index (n,): the flat positions in B * T whose next token carries a loss, ordered
+        group by group as the rows of each Y (cut by `loss_tail`), so the targets are
+        cat(Y.flatten()) and the loss is the unpacked step's loss."""
+
+    def __init__(self, shapes, device):
+        """shapes: (rows per step, L, k) of each group; k: its loss positions (`loss_tail`)."""
+        self.T = T = max(L for _, L, _ in shapes)
+        self.layout, positions, segments, loss_index, first_row = [], [], [], [], 0
+        for rows, L, k in shapes:
+            f = T // L
+            packed = -(-rows // f)
+            self.layout.append((f, packed * f - rows, T - f * L))  # (segments, padding rows, tokens)
+            col = torch.arange(T)
+            positions.append((col % L).expand(packed, T))
+            segments.append((col // L).expand(packed, T))  # segment f: the row's padding tokens
+            j = torch.arange(rows)  # row j of the group -> packed row j // f, segment j % f
+            cols = (j % f)[:, None] * L + torch.arange(L - k, L)
+            loss_index.append(((first_row + j // f)[:, None] * T + cols).flatten())
+            first_row += packed
+        seg = torch.cat(segments)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        self.mask = (causal & (seg[:, :, None] == seg[:, None, :]))[:, None].to(device)
+        self.positions = torch.cat(positions).to(device)
+        self.loss_index = torch.cat(loss_index).to(device)
+
+    @classmethod
+    def for_sampler(cls, sampler):
+        """The packing of the steps a `GroupSampler` yields."""
+        shapes = [(n, X.shape[1], Y.shape[1]) for (X, Y), n in zip(sampler.groups, sampler.shares)]
+        return cls(shapes, sampler.groups[0][0].device)
+
+    def __call__(self, batch):
+        """[(X, Y)] of a step, one per group -> [(X, Y)]: the packed X (B, T) and the targets (n,)."""
+        packed = []
+        for (X, _), (f, pad_rows, pad_tokens) in zip(batch, self.layout):
+            if pad_rows:
+                X = torch.cat([X, X.new_zeros(pad_rows, X.shape[1])])
+            X = X.reshape(-1, f * X.shape[1])
+            if pad_tokens:
+                X = torch.cat([X, X.new_zeros(len(X), pad_tokens)], 1)
+            packed.append(X)
+        return [(torch.cat(packed), torch.cat([Y.flatten() for _, Y in batch]))]
+
+
 def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), decay_all=False):
     """AdamW; decay on matrices and embeddings, not biases or norms (as in nanoGPT), or on every
     parameter (decay_all, as the release's plain `AdamW(model.parameters())`). Fused (one kernel
@@ -833,12 +897,15 @@ class Stepper:
                      the model itself is untouched, so checkpoints keep its plain keys);
       cuda_graph     the whole step (forward, backward, clipping, AdamW) captured once in a CUDA
                      graph and replayed: a step is then a few row gathers into static buffers and
-                     one launch.
+                     one launch;
+      packing        (a `Packing`, any mode) the groups' rows packed into one forward.
     With a CUDA graph the first `warmup` steps run on a side stream, as capture needs; they are
     ordinary training steps, so every mode trains the same steps."""
 
-    def __init__(self, model, opt, groups, grad_clip, compile=False, cuda_graph=False, warmup=3, aux=None):
+    def __init__(self, model, opt, groups, grad_clip, compile=False, cuda_graph=False, warmup=3, aux=None,
+                 packing=None):
         self.model, self.opt, self.groups, self.grad_clip, self.aux = model, opt, groups, grad_clip, aux
+        self.packing = packing
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.forward = torch.compile(model, dynamic=False) if compile else model
         self.capture, self.warmup, self.steps = cuda_graph, warmup, 0
@@ -863,10 +930,15 @@ class Stepper:
             self._eager(rows)
         self.steps += 1
 
+    def _step(self, batch):
+        forward, packing = self.forward, self.packing
+        if packing is not None:
+            forward, batch = functools.partial(forward, packing=packing), packing(batch)
+        train_step(forward, self.params, self.opt, batch, self.grad_clip, self.stats, self.aux)
+
     def _eager(self, rows):
         try:
-            train_step(self.forward, self.params, self.opt, take(self.groups, rows), self.grad_clip, self.stats,
-                       self.aux)
+            self._step(take(self.groups, rows))
         except Exception as e:
             if self.forward is self.model or self.steps > 0:
                 raise
@@ -881,8 +953,7 @@ class Stepper:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                train_step(self.forward, self.params, self.opt, self.static, self.grad_clip, self.stats,
-                           self.aux)
+                self._step(self.static)
         except Exception as e:  # capture breaks on ops that sync; train on without it
             print(f"warning: CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
                   f"training without it", file=sys.stderr)
@@ -895,15 +966,16 @@ class Stepper:
 
 def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, ckpt_path=None,
           ckpt_every_s=600, resume=False, config=None, desc="train", compile=False, cuda_graph=False,
-          betas=(0.9, 0.95), decay_all=False, time_limit_s=None, aux=None):
-    """The one training loop of the repository. Runs the phases in order (a fresh AdamW and
-    schedule each), evaluates every `eval_every` epochs and at the end of each phase, writes a
-    checkpoint after an evaluation when `ckpt_every_s` seconds have passed since the last one and
-    at the end of each phase, and resumes from `ckpt_path` if asked. `compile`, `cuda_graph`: see
-    `Stepper`; `betas`, `decay_all`: see `make_optimizer`; `aux`: see `train_step`. Stops with one
-    line on stderr (exit 2) when the training loss turns non-finite, keeping the last checkpoint.
-    With `time_limit_s`, returns early at the first evaluation after that many seconds (of this
-    process), with a checkpoint that `resume` continues from.
+          betas=(0.9, 0.95), decay_all=False, time_limit_s=None, aux=None, pack=False):
+    """The one training loop of the repository. Runs the phases in order (a fresh AdamW and schedule
+    each), evaluates every `eval_every` epochs and at the end of each phase, writes a checkpoint
+    after an evaluation when `ckpt_every_s` seconds have passed since the last one and at the end of
+    each phase, and resumes from `ckpt_path` if asked. `compile`, `cuda_graph`: see `Stepper`;
+    `pack`: one forward per step (`Packing`, GPT only); `betas`, `decay_all`: see `make_optimizer`;
+    `aux`: see `train_step`. Stops with one line on stderr (exit 2) when the training loss turns
+    non-finite, keeping the last checkpoint. With `time_limit_s`, returns early at the first
+    evaluation after that many seconds (of this process), with a checkpoint that `resume` continues
+    from.
     Returns the history: [{"epoch": e, "phase": name, "time_s": seconds, **evaluate(model)}, ...],
     time_s counting training and evaluation since the start, resumed runs included."""
     gen = torch.Generator().manual_seed(seed)
@@ -934,7 +1006,8 @@ def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, 
             for g, lr in zip(opt.param_groups, lr_tensors):  # keep the device lr that set_lr writes
                 g["lr"] = lr
             opt_state = None
-        step = Stepper(model, opt, sampler.groups, phase.grad_clip, compile, cuda_graph, aux=aux)
+        step = Stepper(model, opt, sampler.groups, phase.grad_clip, compile, cuda_graph, aux=aux,
+                       packing=Packing.for_sampler(sampler) if pack else None)
         total = phase.epochs * sampler.steps_per_epoch
         posted = bar.n
         model.train()
@@ -1232,8 +1305,8 @@ def save_checkpoint(path, model, opt, epoch, history, gen, config):
 
 
 # flags that may differ between a run and its resumption
-RESUME_FREE = {"resume", "device", "out", "bench", "compile", "cuda_graph", "ckpt_every", "time_limit",
-               "parallel", "graph"}  # graph: a label derived from the flags
+RESUME_FREE = {"resume", "device", "out", "bench", "compile", "cuda_graph", "pack", "ckpt_every",
+               "time_limit", "parallel", "graph"}  # graph: a label derived from the flags
 
 
 def config_diff(saved, config):
@@ -1319,12 +1392,28 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench_modes(device):
-    """(name, compile, cuda_graph) of every step mode this device has."""
+def peak_memory_gib(device, reset=False):
+    """CUDA: the most memory tensors held since the last reset, in GiB (then reset if asked);
+    the CPU: None."""
+    if not str(device).startswith("cuda"):
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+def bench_modes(device, pack=False):
+    """(name, compile, cuda_graph, pack) of every step mode this device has; with `pack`, also
+    the packed versions of the fastest ones (CUDA: those replayed from a graph)."""
     if str(device).startswith("cuda"):
-        return [("eager", False, False), ("graph", False, True), ("compiled", True, False),
-                ("compiled+graph", True, True)]
-    return [("eager", False, False), ("compiled", True, False)]
+        modes = [("eager", False, False), ("graph", False, True), ("compiled", True, False),
+                 ("compiled+graph", True, True)]
+        packed = modes[1::2]
+    else:
+        modes = [("eager", False, False), ("compiled", True, False)]
+        packed = modes
+    return [m + (False,) for m in modes] + [(name + "+packed", c, g, True) for name, c, g in packed if pack]
 
 
 def count_launches(fn, device):
@@ -1338,13 +1427,15 @@ def count_launches(fn, device):
     return sum(1 for e in prof.events() if "Launch" in e.name and e.name.startswith(("cuda", "cu")))
 
 
-def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes=None, seed=0, report=None):
+def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes=None, seed=0,
+              report=None, pack=False):
     """Times full training steps (forward, backward, clipping, AdamW) in each mode of
     `bench_modes` from the same initial weights, and compares model FLOP/s with this device's
     matmul peak measured in the same run. Per mode: ms per step and per epoch, sequences/s, MFU,
-    launches per step, and the minutes `epochs` epochs of training would take (evaluation not
+    launches per step, peak GPU memory, and the minutes `epochs` epochs of training would take (evaluation not
     counted). CUDA: 5 warm-up steps (a graph is captured at the 4th), 20 timed; CPU: 2 and 5.
-    `report(result)` is called after each mode (to save what is measured so far)."""
+    `pack`: time packed modes too (`Packing`; model FLOPs count the unpacked work, so MFU compares
+    like with like). `report(result)` is called after each mode (to save what is measured so far)."""
     warmup, steps = (5, 20) if str(device).startswith("cuda") else (2, 5)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     sampler = GroupSampler([loss_tail(*g) for g in groups], batch_size, torch.Generator().manual_seed(seed))
@@ -1356,11 +1447,13 @@ def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes
     res = {"device": device_name(device), "batch_size": batch_size, "steps_per_epoch": sampler.steps_per_epoch,
            "flops_per_step": flops, "peak_flops_per_s": peak, "timed_steps": steps,
            "torch_threads": torch.get_num_threads(), "modes": {}}
-    for name, compile, cuda_graph in modes or bench_modes(device):
+    for name, compile, cuda_graph, packed in modes or bench_modes(device, pack):
         model.load_state_dict(init)
         model.train()
         opt = make_optimizer(model, 1e-4, weight_decay)
-        step = Stepper(model, opt, sampler.groups, 1.0, compile, cuda_graph)
+        step = Stepper(model, opt, sampler.groups, 1.0, compile, cuda_graph,
+                       packing=Packing.for_sampler(sampler) if packed else None)
+        peak_memory_gib(device, reset=True)
         t = time.perf_counter()
         for r in rows[:warmup]:
             step(r)
@@ -1376,7 +1469,8 @@ def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes
             "seqs_per_s": seqs / dt,
             "model_flops_per_s": flops / dt, "mfu": flops / dt / peak, "warmup_s": setup,
             "launches_per_step": count_launches(lambda: step(rows[-1]), device),
-            "cuda_graph": step.graph is not None,
+            "cuda_graph": step.graph is not None, "packed": packed,
+            "peak_memory_gib": peak_memory_gib(device),
             "projected_train_minutes": dt * sampler.steps_per_epoch * epochs / 60, "epochs": epochs}
         if report:
             report(res)

@@ -20,9 +20,10 @@ from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Nod
                     add_adamw_flags, arm_edges, autocast, benchmark, config_diff, curve_band, decode_answer,
                     device_name, die, edge_group, edge_recall, geometric_level, k_for_energy, laplacian_eigs,
                     navigation_score, neighbour_targets, node2vec_loss, parse_with_presets, path_group,
-                    path_prompts, path_star, path_targets, pick_device, plot_cosine_heatmap, plot_curves,
-                    plot_panels, prepare_out, preset_help, seed_everything, spectral_energy, spectral_share,
-                    split_arms, spread, token_embeddings, train, train_node2vec, write_json, write_spread_csv)
+                    peak_memory_gib, path_prompts, path_star, path_targets, pick_device, plot_cosine_heatmap,
+                    plot_curves, plot_panels, prepare_out, preset_help, seed_everything, spectral_energy,
+                    spectral_share, split_arms, spread, token_embeddings, train, train_node2vec, write_json,
+                    write_spread_csv)
 
 # CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (docs/notes.md).
 # It keeps nanoGPT's AdamW (betas 0.95, clipping at 1, no decay on biases and norms): over seeds 0-2
@@ -130,6 +131,9 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
                    help="compile the model's forward and backward with inductor (default: on with CUDA)")
     r.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="capture the whole training step in a CUDA graph (default: on with CUDA)")
+    r.add_argument("--pack", action=argparse.BooleanOptionalAction, default=False,
+                   help="pack the short rows of a step (edges) into rows of the longest length, one forward "
+                   "per step instead of one per group; same losses, fewer GPU kernels (GPT only)")
     r.add_argument("--time-limit", type=float, default=None, help="minutes: stop at the first evaluation "
                    "after this long, write the outputs and a checkpoint (--resume continues)")
     r.add_argument("--ckpt-every", type=float, default=600, help="seconds between checkpoints (each "
@@ -167,7 +171,8 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
                "--spectral-k and --aux-weight must be >= 0, --n2v-steps >= 1"),
               (getattr(args, "parallel", 1) >= 1, "--parallel must be >= 1"),
               (not args.seeds or len(set(args.seeds)) == len(args.seeds), "--seeds must be distinct"),
-              (not (args.seeds and args.bench), "--bench times one configuration; drop --seeds")]
+              (not (args.seeds and args.bench), "--bench times one configuration; drop --seeds"),
+              (not (args.pack and args.model != "gpt"), "--pack needs --model gpt (a scan has no mask)")]
     for ok, msg in checks:
         if not ok:
             die(msg)
@@ -285,7 +290,8 @@ def write_outputs(out, args, data, model, history, wall, device):
     final = {k: v for k, v in history[-1].items() if k not in ("epoch", "phase", "time_s")}
     planned = args.epochs + (args.edge_epochs if args.recipe == "staged" and not args.no_paths else 0)
     write_json(os.path.join(out, "metrics.json"), {
-        "config": vars(args), "device": device_name(device), "final": final,
+        "config": vars(args), "device": device_name(device), "peak_memory_gib": peak_memory_gib(device),
+        "final": final,
         "epochs_done": history[-1]["epoch"], "epochs_planned": planned,
         "history": history, "wall_time_s": wall})
     write_json(os.path.join(out, "graph.json"), {
@@ -426,7 +432,7 @@ def run(args, device, data=None, measure=None):
     if args.bench:
         save = lambda res: write_json(os.path.join(args.out, "bench.json"), {**res, "config": vars(args)})
         res = benchmark(model, phases[0].groups, phases[0].batch_size, device, phases[0].epochs,
-                        args.weight_decay, report=save)
+                        args.weight_decay, report=save, pack=args.model == "gpt")
         res["config"] = vars(args)
         print(f"{res['device']}, {res['steps_per_epoch']} steps per epoch, peak "
               f"{res['peak_flops_per_s'] / 1e12:.2f} TFLOP/s ({torch.get_num_threads()} threads)")
@@ -450,7 +456,7 @@ def run(args, device, data=None, measure=None):
                     ckpt_path=os.path.join(args.out, "checkpoint.pt"), ckpt_every_s=args.ckpt_every,
                     resume=args.resume, config=vars(args), desc="path-star", compile=compile,
                     cuda_graph=cuda_graph, betas=tuple(args.betas), decay_all=args.decay == "all",
-                    time_limit_s=args.time_limit and 60 * args.time_limit, aux=aux)
+                    time_limit_s=args.time_limit and 60 * args.time_limit, aux=aux, pack=args.pack)
     wall = time.time() - t0
     write_outputs(args.out, args, data, model, history, wall, device)
     f = history[-1]

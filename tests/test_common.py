@@ -7,10 +7,10 @@ import torch
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from common import (GPT, GPTConfig, GroupSampler, Phase, Stepper, Vocab, adjacency, arm_edges, cosine_matrix,
-                    decode_answer, edge_group, edge_recall, forever, greedy_decode, grid_graph, loss_tail,
-                    lr_at, make_optimizer, navigation_score, path_group, path_prompts, path_star,
-                    path_targets, set_lr, split_arms, tiny_graph, top_k_hits, train)
+from common import (GPT, CausalSelfAttention, GPTConfig, GroupSampler, Packing, Phase, Stepper, Vocab,
+                    adjacency, arm_edges, cosine_matrix, decode_answer, edge_group, edge_recall, forever,
+                    greedy_decode, grid_graph, loss_tail, lr_at, make_optimizer, navigation_score, path_group,
+                    path_prompts, path_star, path_targets, set_lr, split_arms, tiny_graph, top_k_hits, train)
 
 
 @pytest.mark.parametrize("d,l", [(1, 2), (3, 5), (50, 4), (7, 10)])
@@ -292,14 +292,15 @@ def tiny_task(seed=0):
     return vocab, [loss_tail(*g) for g in groups]
 
 
-def test_training_step_never_syncs():
+@pytest.mark.parametrize("pack", [False, True])
+def test_training_step_never_syncs(pack):
     """No op that waits for the GPU on CUDA runs inside a step: no .item(), no bool-mask indexing,
     no nonzero (the step can be replayed from a CUDA graph)."""
     vocab, groups = tiny_task()
-    model = tiny_gpt(vocab_size=vocab.size)
+    model = tiny_gpt(vocab_size=vocab.size, learned_positions=pack)
     opt = make_optimizer(model, 1e-3, 0.1)
     sampler = GroupSampler(groups, 16, torch.Generator().manual_seed(0))
-    step = Stepper(model, opt, groups, grad_clip=1.0)
+    step = Stepper(model, opt, groups, grad_clip=1.0, packing=Packing.for_sampler(sampler) if pack else None)
     recorder = OpRecorder()
     for i, rows in enumerate(sampler.epoch()):
         with recorder:
@@ -322,14 +323,15 @@ def test_old_style_step_would_be_caught():
     assert "aten._local_scalar_dense" in recorder.ops and any(op.endswith("[bool]") for op in recorder.ops)
 
 
-def train_losses(compile, steps=6, state=None):
+def train_losses(compile, steps=6, state=None, pack=False, batch_size=16, **model_kw):
     vocab, groups = tiny_task()
-    model = tiny_gpt(vocab_size=vocab.size)
+    model = tiny_gpt(vocab_size=vocab.size, **model_kw)
     if state:
         model.load_state_dict(state)
     opt = make_optimizer(model, 3e-3, 0.1)
-    sampler = GroupSampler(groups, 16, torch.Generator().manual_seed(0))
-    step = Stepper(model, opt, groups, 1.0, compile=compile)
+    sampler = GroupSampler(groups, batch_size, torch.Generator().manual_seed(0))
+    packing = Packing.for_sampler(sampler) if pack else None
+    step = Stepper(model, opt, groups, 1.0, compile=compile, packing=packing)
     losses = []
     for rows in itertools.islice(forever(sampler), steps):
         step(rows)
@@ -347,6 +349,54 @@ def test_compiled_step_matches_eager():
     assert not any("_orig_mod" in k for k in model.state_dict())
     resumed, _ = train_losses(compile=False, steps=1, state=model.state_dict())
     assert resumed[0] < eager[0]
+
+
+def test_packing_layout_known_answer():
+    """5 edge rows (L = 2, loss on the last token) and 2 path rows (L = 4) pack into rows of 4:
+    edges two to a row (the 6th slot is a padding row), paths one to a row."""
+    p = Packing([(5, 2, 1), (2, 4, 1)], "cpu")
+    assert p.layout == [(2, 1, 0), (1, 0, 0)]
+    assert p.positions.tolist() == [[0, 1, 0, 1]] * 3 + [[0, 1, 2, 3]] * 2
+    # row j of the edges sits in packed row j // 2 at column 2 * (j % 2) + 1; paths at column 3
+    assert p.loss_index.tolist() == [1, 3, 5, 7, 9, 15, 19]
+    two = [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    assert p.mask[:, 0].int().tolist() == [two] * 3 + [torch.ones(4, 4).tril().int().tolist()] * 2
+    X, Y = torch.arange(10).view(5, 2), torch.arange(5).view(5, 1)
+    Xp, Yp = torch.arange(8).view(2, 4) + 20, torch.tensor([[7], [8]])
+    [(packed, targets)] = p([(X, Y), (Xp, Yp)])
+    assert packed.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 0], [20, 21, 22, 23], [24, 25, 26, 27]]
+    assert targets.tolist() == [0, 1, 2, 3, 4, 7, 8]
+
+
+def test_packing_pads_rows_that_do_not_divide():
+    """L = 3 into T = 8: two segments and 2 padding tokens (a segment of their own) per row; a
+    full-path group's 3 loss positions are the last 3 of each segment."""
+    p = Packing([(3, 3, 3), (1, 8, 3)], "cpu")
+    assert p.layout == [(2, 1, 2), (1, 0, 0)]
+    assert p.positions[0].tolist() == [0, 1, 2, 0, 1, 2, 0, 1]  # the padding's positions: any
+    assert p.loss_index.tolist() == [0, 1, 2, 3, 4, 5, 8, 9, 10, 21, 22, 23]
+    m = p.mask[0, 0]
+    assert not m[3, :3].any() and m[3, 3] and not m[6, :6].any() and m[7, 6:].all()  # segments apart
+
+
+@pytest.mark.parametrize("learned,short", [(False, True), (True, True), (False, False)])
+def test_packed_step_matches_unpacked(learned, short, monkeypatch):
+    """Packing changes only how a step is laid out: the losses and the weights after 6 steps are
+    the unpacked ones (positions fixed or learned, explicit or fused attention with a mask; a
+    batch of 20 leaves a padding row)."""
+    if not short:
+        monkeypatch.setattr(CausalSelfAttention, "SHORT", 0)
+    plain, model = train_losses(False, batch_size=20, learned_positions=learned)
+    packed, packed_model = train_losses(False, pack=True, batch_size=20, learned_positions=learned)
+    assert packed == pytest.approx(plain, abs=1e-5)
+    for a, b in zip(model.parameters(), packed_model.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_compiled_packed_step_matches_eager():
+    eager, _ = train_losses(compile=False)
+    compiled, _ = train_losses(compile=True, pack=True)
+    assert compiled == pytest.approx(eager, abs=1e-4)
 
 
 @pytest.mark.parametrize("T", [1, 2, 8, 16, 17, 24])

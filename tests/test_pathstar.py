@@ -61,7 +61,8 @@ def test_bench_writes_json(tmp_path):
     out = str(tmp_path / "bench")
     exp_pathstar.main(TINY + ["--bench", "--first-token-only", "--epochs", "7", "--out", out])
     b = json.load(open(os.path.join(out, "bench.json")))
-    assert set(b["modes"]) == {"eager", "compiled"}  # the CPU has no CUDA graphs
+    assert set(b["modes"]) == {"eager", "compiled", "eager+packed", "compiled+packed"}  # no CUDA graphs here
+    assert [m["packed"] for m in b["modes"].values()] == [False, False, True, True]
     # G(24, 4): 144 edge examples (both directions) and 18 training leaves; batch 256 holds all
     assert b["steps_per_epoch"] == 1 and b["batch_size"] == 256
     model = exp_pathstar.make_model(argparse.Namespace(**b["config"]), 24 * 3 + 1 + 5)
@@ -84,6 +85,7 @@ def test_bench_writes_json(tmp_path):
     (["--aux-weight", "-1"], "--aux-weight must be >= 0"),
     (["--n2v-steps", "0"], "--n2v-steps >= 1"),
     (["--spectral-k", "100000"], "--spectral-k must be at most"),
+    (["--model", "mamba", "--pack"], "--pack needs --model gpt"),
 ])
 def test_bad_flags_exit_with_one_line(tmp_path, flags, msg, capsys):
     if "cuda" in flags and torch.cuda.is_available():
@@ -212,6 +214,21 @@ def test_compiled_run_resumes_eagerly(tmp_path):
     hist = exp_pathstar.main(TINY + ["--epochs", "4", "--eval-every", "2", "--no-compile", "--resume",
                                      "--out", out])
     assert [h["epoch"] for h in hist["history"]] == [2, 4]
+
+
+def test_packed_run_trains_as_the_unpacked_one(tmp_path):
+    """--pack (full paths: several loss positions per row; edges 4 to a row) ends with the
+    weights and the evaluations of the same run without it."""
+    runs = {}
+    for pack in ("--no-pack", "--pack"):
+        out = str(tmp_path / pack)
+        runs[pack] = exp_pathstar.main(TINY + ["--epochs", "3", "--eval-every", "1", pack, "--out", out])
+        runs[pack]["emb"] = np.load(os.path.join(out, "embeddings.npy"))
+    plain, packed = runs["--no-pack"], runs["--pack"]
+    assert np.allclose(plain["emb"], packed["emb"], atol=1e-5)
+    for a, b in zip(plain["history"], packed["history"]):
+        for key in ("edge_acc", "train_path_acc", "test_first_token_acc", "navigation_mean_rank"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6)
 
 
 def test_seeds_write_spread(tmp_path):
