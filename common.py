@@ -1416,15 +1416,24 @@ def bench_modes(device, pack=False):
     return [m + (False,) for m in modes] + [(name + "+packed", c, g, True) for name, c, g in packed if pack]
 
 
-def count_launches(fn, device):
-    """Kernel and graph launches that one call of fn makes, from the profiler (CUDA only)."""
-    if not str(device).startswith("cuda"):
-        return None
+def profile_step(fn, device, top=12):
+    """One call of fn under torch's profiler -> (launches, busy_ms, ops). CUDA: kernel and graph
+    launches, the summed GPU time of the kernels (those replayed from a graph included; against
+    the wall time of a step it says how idle the GPU is), and the kernels that took the most GPU
+    time; the CPU: launches None, the summed self time of the aten ops, and the top ops by it.
+    ops: [[name, ms, calls]], the most time first."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    cuda = str(device).startswith("cuda")
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         fn()
         sync(device)
-    return sum(1 for e in prof.events() if "Launch" in e.name and e.name.startswith(("cuda", "cu")))
+    launches = sum(1 for e in prof.events() if "Launch" in e.name and e.name.startswith(("cuda", "cu")))
+    kind, time_of = ((DeviceType.CUDA, lambda e: e.self_device_time_total) if cuda
+                     else (DeviceType.CPU, lambda e: e.self_cpu_time_total))
+    ops = sorted((e for e in prof.key_averages() if e.device_type == kind), key=time_of, reverse=True)
+    busy_ms = sum(time_of(e) for e in ops) / 1e3
+    return (launches if cuda else None), busy_ms, [[e.key[:120], time_of(e) / 1e3, e.count] for e in ops[:top]]
 
 
 def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes=None, seed=0,
@@ -1432,10 +1441,11 @@ def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes
     """Times full training steps (forward, backward, clipping, AdamW) in each mode of
     `bench_modes` from the same initial weights, and compares model FLOP/s with this device's
     matmul peak measured in the same run. Per mode: ms per step and per epoch, sequences/s, MFU,
-    launches per step, peak GPU memory, and the minutes `epochs` epochs of training would take (evaluation not
-    counted). CUDA: 5 warm-up steps (a graph is captured at the 4th), 20 timed; CPU: 2 and 5.
-    `pack`: time packed modes too (`Packing`; model FLOPs count the unpacked work, so MFU compares
-    like with like). `report(result)` is called after each mode (to save what is measured so far)."""
+    peak GPU memory, the minutes `epochs` epochs of training would take (evaluation not counted),
+    and a profile of one more step (`profile_step`: launches, busy time, top kernels or ops).
+    CUDA: 5 warm-up steps (a graph is captured at the 4th), 20 timed; CPU: 2 and 5. `pack`: time
+    packed modes too (`Packing`; model FLOPs count the unpacked work, so MFU compares like with
+    like). `report(result)` is called after each mode (to save what is measured so far)."""
     warmup, steps = (5, 20) if str(device).startswith("cuda") else (2, 5)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     sampler = GroupSampler([loss_tail(*g) for g in groups], batch_size, torch.Generator().manual_seed(seed))
@@ -1464,11 +1474,12 @@ def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes
             step(r)
         sync(device)
         dt = (time.perf_counter() - t) / steps
+        launches, busy_ms, top_ops = profile_step(lambda: step(rows[-1]), device)
         res["modes"][name] = {
             "ms_per_step": 1e3 * dt, "ms_per_epoch": 1e3 * dt * sampler.steps_per_epoch,
             "seqs_per_s": seqs / dt,
             "model_flops_per_s": flops / dt, "mfu": flops / dt / peak, "warmup_s": setup,
-            "launches_per_step": count_launches(lambda: step(rows[-1]), device),
+            "launches_per_step": launches, "busy_ms_per_step": busy_ms, "top_ops": top_ops,
             "cuda_graph": step.graph is not None, "packed": packed,
             "peak_memory_gib": peak_memory_gib(device),
             "projected_train_minutes": dt * sampler.steps_per_epoch * epochs / 60, "epochs": epochs}

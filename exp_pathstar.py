@@ -438,9 +438,9 @@ def run(args, device, data=None, measure=None):
               f"{res['peak_flops_per_s'] / 1e12:.2f} TFLOP/s ({torch.get_num_threads()} threads)")
         for name, m in res["modes"].items():
             launches = "" if m["launches_per_step"] is None else f", {m['launches_per_step']} launches/step"
-            print(f"  {name:>15}: {m['ms_per_step']:8.2f} ms/step, {m['ms_per_epoch']:9.1f} ms/epoch, "
-                  f"{m['seqs_per_s']:8.0f} seqs/s, MFU {m['mfu']:6.1%}{launches}; {args.epochs} epochs "
-                  f"~ {m['projected_train_minutes']:.1f} min")
+            print(f"  {name:>21}: {m['ms_per_step']:8.2f} ms/step ({m['busy_ms_per_step']:.2f} busy), "
+                  f"{m['ms_per_epoch']:9.1f} ms/epoch, {m['seqs_per_s']:8.0f} seqs/s, MFU {m['mfu']:6.1%}"
+                  f"{launches}; {args.epochs} epochs ~ {m['projected_train_minutes']:.1f} min")
         return res
     if device == "cpu" and not args.quick and args.n * args.n_embd * args.n_layer > 10_000_000:
         print("warning: a GPU-sized configuration on the CPU; see the ETA on the progress bar "

@@ -73,6 +73,10 @@ def test_bench_writes_json(tmp_path):
         assert m["seqs_per_s"] == pytest.approx(162 / m["ms_per_step"] * 1e3)
         assert m["mfu"] == pytest.approx(want / m["ms_per_step"] * 1e3 / b["peak_flops_per_s"])
         assert m["projected_train_minutes"] == pytest.approx(7 * m["ms_per_epoch"] / 6e4)
+        # the profile of a step: ops by self time, the most first, the matmuls among them
+        times = [ms for _, ms, _ in m["top_ops"]]
+        assert times == sorted(times, reverse=True) and sum(times) <= m["busy_ms_per_step"] + 1e-9
+        assert any(name in ("aten::mm", "aten::addmm", "aten::bmm") for name, _, _ in m["top_ops"])
 
 
 @pytest.mark.parametrize("flags,msg", [
