@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------- graphs
@@ -1403,6 +1404,18 @@ def peak_memory_gib(device, reset=False):
     return peak
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it (an eager step on a GPU runs about one kernel each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
 def bench_modes(device, pack=False):
     """(name, compile, cuda_graph, pack) of every step mode this device has; with `pack`, also
     the packed versions of the fastest ones (CUDA: those replayed from a graph)."""
@@ -1442,7 +1455,8 @@ def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes
     `bench_modes` from the same initial weights, and compares model FLOP/s with this device's
     matmul peak measured in the same run. Per mode: ms per step and per epoch, sequences/s, MFU,
     peak GPU memory, the minutes `epochs` epochs of training would take (evaluation not counted),
-    and a profile of one more step (`profile_step`: launches, busy time, top kernels or ops).
+    a profile of one more step (`profile_step`: launches, busy time, top kernels or ops), and in
+    eager modes the aten ops a step dispatches (`OpCounter`).
     CUDA: 5 warm-up steps (a graph is captured at the 4th), 20 timed; CPU: 2 and 5. `pack`: time
     packed modes too (`Packing`; model FLOPs count the unpacked work, so MFU compares like with
     like). `report(result)` is called after each mode (to save what is measured so far)."""
@@ -1475,11 +1489,16 @@ def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes
         sync(device)
         dt = (time.perf_counter() - t) / steps
         launches, busy_ms, top_ops = profile_step(lambda: step(rows[-1]), device)
+        counter = OpCounter()
+        if not (compile or cuda_graph):  # compiled code and graph replays bypass the dispatcher
+            with counter:
+                step(rows[-1])
         res["modes"][name] = {
             "ms_per_step": 1e3 * dt, "ms_per_epoch": 1e3 * dt * sampler.steps_per_epoch,
             "seqs_per_s": seqs / dt,
             "model_flops_per_s": flops / dt, "mfu": flops / dt / peak, "warmup_s": setup,
             "launches_per_step": launches, "busy_ms_per_step": busy_ms, "top_ops": top_ops,
+            "aten_ops_per_step": None if compile or cuda_graph else counter.ops,
             "cuda_graph": step.graph is not None, "packed": packed,
             "peak_memory_gib": peak_memory_gib(device),
             "projected_train_minutes": dt * sampler.steps_per_epoch * epochs / 60, "epochs": epochs}

@@ -77,6 +77,9 @@ def test_bench_writes_json(tmp_path):
         times = [ms for _, ms, _ in m["top_ops"]]
         assert times == sorted(times, reverse=True) and sum(times) <= m["busy_ms_per_step"] + 1e-9
         assert any(name in ("aten::mm", "aten::addmm", "aten::bmm") for name, _, _ in m["top_ops"])
+    # packing runs the model once per step instead of once per group: about half the ops
+    ops = {k: m["aten_ops_per_step"] for k, m in b["modes"].items()}
+    assert ops["compiled"] is None and ops["eager+packed"] < 0.6 * ops["eager"]
 
 
 @pytest.mark.parametrize("flags,msg", [
