@@ -8,7 +8,8 @@ it is unclear why" (arXiv 2510.26745). Science first, plumbing last:
   Transformer          a nanoGPT-style GPT (and TiedLM, the forward every model trains with)
   Mamba                a pure-PyTorch Mamba with a readable and a fast selective scan
   Node2Vec             the 2-layer model of §4 and its full-batch trainer
-  training             sampler, fused AdamW, the sync-free step (eager / compiled / CUDA graph), train()
+  training             sampler, packing, fused AdamW, the sync-free step (eager / compiled / CUDA graph),
+                       train()
   evaluation           greedy decoding and the rank measures (ties and NaN count against the model)
   geometry             cosine similarities, the navigation score, token embeddings
   flags and errors     one-line errors, presets, devices, output folders
@@ -24,7 +25,8 @@ Shape glossary
   k   loss positions at the end of each row of a group (`loss_tail`)
 A "group" is a pair (X, Y) of LongTensors (B, T): inputs and next-token targets, -1 = no loss.
 All rows of a group have the same length, so batches carry no padding; training cuts Y to its
-last k positions, where every group has its losses, so logits are a static slice.
+last k positions, where every group has its losses, so logits are a static slice. With `--pack`
+(`Packing`) a step's groups share one forward: short rows side by side, a block-diagonal mask.
 """
 import argparse
 import functools
@@ -1446,7 +1448,8 @@ def profile_step(fn, device, top=12):
                      else (DeviceType.CPU, lambda e: e.self_cpu_time_total))
     ops = sorted((e for e in prof.key_averages() if e.device_type == kind), key=time_of, reverse=True)
     busy_ms = sum(time_of(e) for e in ops) / 1e3
-    return (launches if cuda else None), busy_ms, [[e.key[:120], time_of(e) / 1e3, e.count] for e in ops[:top]]
+    top_ops = [[e.key[:120], time_of(e) / 1e3, e.count] for e in ops[:top]]
+    return (launches if cuda else None), busy_ms, top_ops
 
 
 def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes=None, seed=0,

@@ -20,7 +20,7 @@ from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Nod
                     add_adamw_flags, arm_edges, autocast, benchmark, config_diff, curve_band, decode_answer,
                     device_name, die, edge_group, edge_recall, geometric_level, k_for_energy, laplacian_eigs,
                     navigation_score, neighbour_targets, node2vec_loss, parse_with_presets, path_group,
-                    peak_memory_gib, path_prompts, path_star, path_targets, pick_device, plot_cosine_heatmap,
+                    path_prompts, path_star, path_targets, peak_memory_gib, pick_device, plot_cosine_heatmap,
                     plot_curves, plot_panels, prepare_out, preset_help, seed_everything, spectral_energy,
                     spectral_share, split_arms, spread, token_embeddings, train, train_node2vec, write_json,
                     write_spread_csv)
