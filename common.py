@@ -1251,6 +1251,24 @@ def add_adamw_flags(group, source):
                        help=f"clip the gradient norm (0 = off, as {source})")
 
 
+def add_step_flags(group):
+    """--compile and --cuda-graph: how `Stepper` runs a training step."""
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="compile the model's forward and backward with inductor (default: on with "
+                       "CUDA)")
+    group.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                       help="capture the whole training step in a CUDA graph (default: on with CUDA)")
+
+
+def step_modes(args, device):
+    """(compile, cuda_graph) of `add_step_flags` on this device: unset, each is on with CUDA."""
+    cuda = str(device).startswith("cuda")
+    if args.cuda_graph and not cuda:
+        die("--cuda-graph needs a CUDA device")
+    pick = lambda flag: cuda if flag is None else flag
+    return pick(args.compile), pick(args.cuda_graph)
+
+
 def pick_device(name):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

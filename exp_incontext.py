@@ -20,9 +20,10 @@ import time
 import numpy as np
 import torch
 
-from common import (GPT, ArgParser, GPTConfig, Phase, Vocab, add_adamw_flags, autocast, config_diff,
-                    decode_answer, device_name, die, loss_tail, parse_with_presets, pick_device, plot_panels,
-                    prepare_out, preset_help, seed_everything, token_embeddings, train, write_json)
+from common import (GPT, ArgParser, GPTConfig, Phase, Vocab, add_adamw_flags, add_step_flags, autocast,
+                    config_diff, decode_answer, device_name, die, loss_tail, parse_with_presets, pick_device,
+                    plot_panels, prepare_out, preset_help, seed_everything, step_modes, token_embeddings,
+                    train, write_json)
 
 MODES = ("standard", "teacherless", "reverse")
 
@@ -80,6 +81,7 @@ def get_args(argv=None):
     r.add_argument("--quick", action="store_true", help=preset_help("CPU-sized preset", QUICK))
     r.add_argument("--resume", action="store_true",
                    help="keep finished modes, continue interrupted ones from --out/<mode>/checkpoint.pt")
+    add_step_flags(r)
     args = parse_with_presets(p, {"quick": QUICK}, argv)
     d, l = args.degree, args.path_length
     checks = [(d >= 2, "--degree must be >= 2 (one arm leaves no decision)"),
@@ -241,6 +243,7 @@ def run_mode(mode, args, train_g, test_g, vocab, device):
             print(f"[{mode}] finished earlier, kept")
             return old
     ckpt = os.path.join(out, "checkpoint.pt")
+    compile, cuda_graph = step_modes(args, device)
     seed_everything(args.seed)  # every mode starts from the same weights
     train_group = example_group(prompts(train_g, vocab), answers(train_g, mode), mode, vocab)
     n_eval = min(len(test_g["path"]), args.train_size)
@@ -256,7 +259,8 @@ def run_mode(mode, args, train_g, test_g, vocab, device):
     history = train(model, [phase], weight_decay=args.weight_decay, betas=tuple(args.betas),
                     evaluate=make_evaluate(splits, mode, args, device), eval_every=args.eval_every,
                     device=device, seed=args.seed, ckpt_path=ckpt,
-                    resume=args.resume and os.path.exists(ckpt), config=config, desc=mode)
+                    resume=args.resume and os.path.exists(ckpt), config=config, desc=mode,
+                    compile=compile, cuda_graph=cuda_graph)
     wall = history[-1]["time_s"]  # training and evaluation, earlier sessions of a resumed run included
     final = {k: v for k, v in history[-1].items() if k not in ("epoch", "phase", "time_s")}
     metrics = {"config": config, "device": device_name(device), "final": final, "history": history,
@@ -323,6 +327,7 @@ def write_figures(out, args, results, inweights):
 def main(argv=None):
     args = get_args(argv)
     device = pick_device(args.device)
+    step_modes(args, device)  # a bad --cuda-graph fails before anything is written
     inweights = load_inweights(args.inweights_metrics) if args.inweights_metrics else None
     if inweights and (inweights["config"]["n"], inweights["config"]["l"]) != (args.degree, args.path_length):
         c = inweights["config"]

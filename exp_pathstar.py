@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig, Phase, Vocab,
-                    add_adamw_flags, arm_edges, autocast, benchmark, config_diff, curve_band, decode_answer,
-                    device_name, die, edge_group, edge_recall, geometric_level, k_for_energy, laplacian_eigs,
-                    navigation_score, neighbour_targets, node2vec_loss, parse_with_presets, path_group,
-                    path_prompts, path_star, path_targets, peak_memory_gib, pick_device, plot_cosine_heatmap,
-                    plot_curves, plot_panels, prepare_out, preset_help, seed_everything, spectral_energy,
-                    spectral_share, split_arms, spread, token_embeddings, train, train_node2vec, write_json,
-                    write_spread_csv)
+                    add_adamw_flags, add_step_flags, arm_edges, autocast, benchmark, config_diff, curve_band,
+                    decode_answer, device_name, die, edge_group, edge_recall, geometric_level, k_for_energy,
+                    laplacian_eigs, navigation_score, neighbour_targets, node2vec_loss, parse_with_presets,
+                    path_group, path_prompts, path_star, path_targets, peak_memory_gib, pick_device,
+                    plot_cosine_heatmap, plot_curves, plot_panels, prepare_out, preset_help, seed_everything,
+                    spectral_energy, spectral_share, split_arms, spread, step_modes, token_embeddings, train,
+                    train_node2vec, write_json, write_spread_csv)
 
 # CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (docs/notes.md).
 # It keeps nanoGPT's AdamW (betas 0.95, clipping at 1, no decay on biases and norms): over seeds 0-2
@@ -127,10 +127,7 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     r.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     r.add_argument("--bench", action="store_true", help="time training steps of this configuration in each "
                    "step mode (eager, compiled, CUDA graph), write --out/bench.json, no training")
-    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the model's forward and backward with inductor (default: on with CUDA)")
-    r.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="capture the whole training step in a CUDA graph (default: on with CUDA)")
+    add_step_flags(r)
     r.add_argument("--pack", action=argparse.BooleanOptionalAction, default=False,
                    help="pack the short rows of a step (edges) into rows of the longest length, one forward "
                    "per step instead of one per group; same losses, fewer GPU kernels (GPT only)")
@@ -424,11 +421,7 @@ def run(args, device, data=None, measure=None):
         targets, N = edge_targets(data, device), vocab.num_nodes
         aux = lambda: args.aux_weight * node2vec_loss(model.wte.weight[:N], targets)
     phases = phases_for(data, args, device)
-    cuda = device.startswith("cuda")
-    compile = cuda if args.compile is None else args.compile
-    cuda_graph = cuda if args.cuda_graph is None else args.cuda_graph
-    if cuda_graph and not cuda:
-        die("--cuda-graph needs a CUDA device")
+    compile, cuda_graph = step_modes(args, device)
     if args.bench:
         save = lambda res: write_json(os.path.join(args.out, "bench.json"), {**res, "config": vars(args)})
         res = benchmark(model, phases[0].groups, phases[0].batch_size, device, phases[0].epochs,

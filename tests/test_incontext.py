@@ -143,6 +143,7 @@ def test_smoke_run(tmp_path):
     (["--final-lr-frac", "1.5"], "--final-lr-frac must be in [0, 1]"),
     (["--positions", "rotary"], "invalid choice"),
     (["--inweights-metrics", "/nonexistent/metrics.json"], "--inweights-metrics"),
+    (["--device", "cpu", "--cuda-graph"], "--cuda-graph needs a CUDA device"),
 ])
 def test_bad_flags_exit_with_one_line(tmp_path, flags, msg, capsys):
     out = tmp_path / "run"
@@ -152,6 +153,19 @@ def test_bad_flags_exit_with_one_line(tmp_path, flags, msg, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0]
     assert not out.exists()  # nothing written before the flags are checked
+
+
+def test_compiled_run_matches_eager(tmp_path, capsys):
+    """--compile (on by default with CUDA, as --cuda-graph) trains the same run as --no-compile."""
+    emb = {}
+    for flag in ("--no-compile", "--compile"):
+        out = str(tmp_path / flag)
+        exp_incontext.main(["--quick", "--train-size", "256", "--test-size", "64", "--epochs", "2",
+                            "--n-embd", "32", "--n-layer", "1", "--batch-size", "64", "--modes", "standard",
+                            "--device", "cpu", flag, "--out", out])
+        emb[flag] = np.load(os.path.join(out, "standard", "embeddings.npy"))
+    assert np.allclose(emb["--no-compile"], emb["--compile"], atol=1e-4)
+    assert "torch.compile failed" not in capsys.readouterr().err  # it did compile
 
 
 def test_defaults_follow_bn24_and_quick_keeps_its_optimizer():
