@@ -807,7 +807,7 @@ class Packing:
 
     def __init__(self, shapes, device):
         """shapes: (rows per step, L, k) of each group; k: its loss positions (`loss_tail`)."""
-        self.T = T = max(L for _, L, _ in shapes)
+        T = max(L for _, L, _ in shapes)
         self.layout, positions, segments, loss_index, first_row = [], [], [], [], 0
         for rows, L, k in shapes:
             f = T // L

@@ -231,8 +231,9 @@ def run_config(args, mode):
     return {**{k: v for k, v in vars(args).items() if k not in skip}, "mode": mode}
 
 
-def run_mode(mode, args, train_g, test_g, vocab, device):
-    """Train one mode from the shared init; writes --out/<mode>/ and returns its metrics."""
+def run_mode(mode, args, train_g, test_g, vocab, device, steps):
+    """Train one mode from the shared init; writes --out/<mode>/ and returns its metrics. steps:
+    (compile, cuda_graph) of `step_modes`."""
     out = os.path.join(args.out, mode)
     prepare_out(out)
     config = run_config(args, mode)
@@ -243,7 +244,6 @@ def run_mode(mode, args, train_g, test_g, vocab, device):
             print(f"[{mode}] finished earlier, kept")
             return old
     ckpt = os.path.join(out, "checkpoint.pt")
-    compile, cuda_graph = step_modes(args, device)
     seed_everything(args.seed)  # every mode starts from the same weights
     train_group = example_group(prompts(train_g, vocab), answers(train_g, mode), mode, vocab)
     n_eval = min(len(test_g["path"]), args.train_size)
@@ -260,7 +260,7 @@ def run_mode(mode, args, train_g, test_g, vocab, device):
                     evaluate=make_evaluate(splits, mode, args, device), eval_every=args.eval_every,
                     device=device, seed=args.seed, ckpt_path=ckpt,
                     resume=args.resume and os.path.exists(ckpt), config=config, desc=mode,
-                    compile=compile, cuda_graph=cuda_graph)
+                    compile=steps[0], cuda_graph=steps[1])
     wall = history[-1]["time_s"]  # training and evaluation, earlier sessions of a resumed run included
     final = {k: v for k, v in history[-1].items() if k not in ("epoch", "phase", "time_s")}
     metrics = {"config": config, "device": device_name(device), "final": final, "history": history,
@@ -327,7 +327,7 @@ def write_figures(out, args, results, inweights):
 def main(argv=None):
     args = get_args(argv)
     device = pick_device(args.device)
-    step_modes(args, device)  # a bad --cuda-graph fails before anything is written
+    steps = step_modes(args, device)  # a bad --cuda-graph fails before anything is written
     inweights = load_inweights(args.inweights_metrics) if args.inweights_metrics else None
     if inweights and (inweights["config"]["n"], inweights["config"]["l"]) != (args.degree, args.path_length):
         c = inweights["config"]
@@ -347,7 +347,7 @@ def main(argv=None):
         "layout": "[EDGE] u v (parent->child, shuffled) ... [PATH] start goal, then the answer",
         "specials": {name: getattr(vocab, name) for name in ("EDGE", "PATH", "PAUSE", "PAD", "BLANK")},
         "example_test_graphs": example_graphs(test_g)})
-    results = {mode: run_mode(mode, args, train_g, test_g, vocab, device) for mode in args.modes}
+    results = {mode: run_mode(mode, args, train_g, test_g, vocab, device, steps) for mode in args.modes}
     wall = sum(r["wall_time_s"] for r in results.values())  # modes kept by --resume count their own time
     write_json(os.path.join(args.out, "metrics.json"), {
         "config": vars(args), "device": device_name(device),

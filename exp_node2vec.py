@@ -582,9 +582,8 @@ def plot_untied_spectrum(path, results):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("§4.4: the trained logit matrix W along each Laplacian eigenvector. Untied models put "
-                 "negative\nlogits on the bottom (zigzag) eigenvectors, tied ones cannot, and self-edges shrink "
-                 "them",
-                 fontsize=11)
+                 "negative\nlogits on the bottom (zigzag) eigenvectors, tied ones cannot, and self-edges "
+                 "shrink them", fontsize=11)
     save_figure(fig, path, dpi=90)
 
 
