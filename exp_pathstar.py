@@ -128,9 +128,10 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     r.add_argument("--bench", action="store_true", help="time training steps of this configuration in each "
                    "step mode (eager, compiled, CUDA graph), write --out/bench.json, no training")
     add_step_flags(r)
-    r.add_argument("--pack", action=argparse.BooleanOptionalAction, default=False,
+    r.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
                    help="pack the short rows of a step (edges) into rows of the longest length, one forward "
-                   "per step instead of one per group; same losses, fewer GPU kernels (GPT only)")
+                   "per step instead of one per group; same losses, fewer GPU kernels (GPT only; default: "
+                   "on for a GPT on CUDA)")
     r.add_argument("--time-limit", type=float, default=None, help="minutes: stop at the first evaluation "
                    "after this long, write the outputs and a checkpoint (--resume continues)")
     r.add_argument("--ckpt-every", type=float, default=600, help="seconds between checkpoints (each "
@@ -174,6 +175,14 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
         if not ok:
             die(msg)
     return args
+
+
+def pack_mode(args, device):
+    """--pack, unset: on for a GPT on CUDA, where one forward per step instead of two made the
+    G(5000, 5) step 1.5x faster on an H100 (docs/performance.md); off on the CPU, where it did not pay."""
+    if args.pack is None:
+        return args.model == "gpt" and str(device).startswith("cuda")
+    return args.pack
 
 
 def build(args):
@@ -422,6 +431,7 @@ def run(args, device, data=None, measure=None):
         aux = lambda: args.aux_weight * node2vec_loss(model.wte.weight[:N], targets)
     phases = phases_for(data, args, device)
     compile, cuda_graph = step_modes(args, device)
+    args.pack = pack_mode(args, device)  # resolved here, so metrics.json records what ran
     if args.bench:
         save = lambda res: write_json(os.path.join(args.out, "bench.json"), {**res, "config": vars(args)})
         res = benchmark(model, phases[0].groups, phases[0].batch_size, device, phases[0].epochs,

@@ -238,6 +238,19 @@ def test_packed_run_trains_as_the_unpacked_one(tmp_path):
             assert a[key] == pytest.approx(b[key], abs=1e-6)
 
 
+def test_pack_is_on_by_default_only_for_a_gpt_on_cuda(tmp_path):
+    """--pack unset: packed where a GPU measured it to pay (a GPT on CUDA), never for a scan, and
+    an explicit flag wins; a CPU run records what it resolved to."""
+    mode = lambda device, **kw: exp_pathstar.pack_mode(argparse.Namespace(**{"pack": None, "model": "gpt",
+                                                                             **kw}), device)
+    assert mode("cuda") and mode("cuda:1")
+    assert not mode("cpu") and not mode("cuda", model="mamba")
+    assert not mode("cuda", pack=False) and mode("cpu", pack=True)
+    out = str(tmp_path / "run")
+    exp_pathstar.main(TINY + ["--epochs", "1", "--eval-every", "1", "--out", out])
+    assert json.load(open(os.path.join(out, "metrics.json")))["config"]["pack"] is False
+
+
 def test_seeds_write_spread(tmp_path):
     """--seeds 0 1: one folder per seed, and mean / min / max over them of every final metric."""
     out = tmp_path / "seeds"
