@@ -11,7 +11,7 @@ it is unclear why" (arXiv 2510.26745). Science first, plumbing last:
   training             sampler, packing, fused AdamW, the sync-free step (eager / compiled / CUDA graph),
                        train()
   evaluation           greedy decoding and the rank measures (ties and NaN count against the model)
-  geometry             cosine similarities, the navigation score, token embeddings
+  geometry             cosine similarities, the navigation score, cosine by hop distance, token embeddings
   flags and errors     one-line errors, presets, devices, output folders
   checkpoints          save, resume, which flags may change on resume
   seeds                mean / min / max over --seeds
@@ -1206,6 +1206,22 @@ def navigation_score(emb, arms, all_arms):
     rank = (sim >= sim.gather(1, own[:, None])).sum(1).float()
     rank = torch.where(torch.isfinite(sim).all(1), rank, float(len(children)))
     return (rank == 1).float().mean().item(), rank.mean().item()
+
+
+def hop_cosine(emb, arms):
+    """§B.5's cosine heatmap of the arms, summed up by hop distance: the mean cosine similarity of
+    two nodes of one arm h hops apart (h = 1 .. L-1 over its L nodes a1 .. leaf; the root, shared by
+    every arm, left out) and of two nodes of different arms. A geometry that stores the paths puts
+    an arm's nodes closer than other arms'; a zigzag (§4.4) is high at even and low at odd h, which
+    the leaf -> a1 `navigation_score` misses when L - 1 is odd. Arms of equal length (on a
+    tree-star, different arms share their upper nodes). Returns ([mean cosine at h], cross-arm)."""
+    X = F.normalize(torch.as_tensor(emb).float(), dim=1)
+    A = X[torch.tensor([arm[1:] for arm in arms], device=X.device)]  # (arms, L, C), unit rows
+    n, L, _ = A.shape
+    hops = [(A[:, :-h] * A[:, h:]).sum(-1).mean().item() for h in range(1, L)]
+    total, per_arm = A.sum((0, 1)), A.sum(1)  # every ordered pair, self-pairs included, is a dot
+    cross = (total @ total - (per_arm * per_arm).sum()) / ((n * L) ** 2 - n * L * L)
+    return hops, cross.item()
 
 
 def token_embeddings(model, num_nodes):

@@ -18,12 +18,12 @@ import torch
 
 from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig, Phase, Vocab,
                     add_adamw_flags, add_step_flags, arm_edges, autocast, benchmark, config_diff, curve_band,
-                    decode_answer, device_name, die, edge_group, edge_recall, geometric_level, k_for_energy,
-                    laplacian_eigs, navigation_score, neighbour_targets, node2vec_loss, parse_with_presets,
-                    path_group, path_prompts, path_star, path_targets, peak_memory_gib, pick_device,
-                    plot_cosine_heatmap, plot_curves, plot_panels, prepare_out, preset_help, seed_everything,
-                    spectral_energy, spectral_share, split_arms, spread, step_modes, token_embeddings, train,
-                    train_node2vec, write_json, write_spread_csv)
+                    decode_answer, device_name, die, edge_group, edge_recall, geometric_level, hop_cosine,
+                    k_for_energy, laplacian_eigs, navigation_score, neighbour_targets, node2vec_loss,
+                    parse_with_presets, path_group, path_prompts, path_star, path_targets, peak_memory_gib,
+                    pick_device, plot_cosine_heatmap, plot_curves, plot_panels, prepare_out, preset_help,
+                    seed_everything, spectral_energy, spectral_share, split_arms, spread, step_modes,
+                    token_embeddings, train, train_node2vec, write_json, write_spread_csv)
 
 # CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (docs/notes.md).
 # It keeps nanoGPT's AdamW (betas 0.95, clipping at 1, no decay on biases and norms): over seeds 0-2
@@ -242,6 +242,7 @@ def make_evaluate(data, args, device, measure=None):
         nav = navigation_score(emb, data["test_arms"], data["arms"])
         res["navigation_acc"], res["navigation_mean_rank"] = nav
         res["chance_navigation_mean_rank"] = (args.n + 1) / 2
+        res["hop_cosine"], res["cross_arm_cosine"] = hop_cosine(emb, data["test_arms"])
         E = emb.cpu().numpy()
         res["geometric_level"] = geometric_level(E, data["edges"])
         if basis is not None:
@@ -328,7 +329,12 @@ def write_outputs(out, args, data, model, history, wall, device):
          [(x, [h["test_first_token_acc"] for h in history], "first-token accuracy"),
           (x, [h["navigation_acc"] for h in history], "navigation (top-1)")], chance),
         ("rank of own first node among root children", "mean rank (1 = best)",
-         [(x, [h["navigation_mean_rank"] for h in history], "navigation mean rank")], (args.n + 1) / 2)],
+         [(x, [h["navigation_mean_rank"] for h in history], "navigation mean rank")], (args.n + 1) / 2)]
+        + ([("held-out arms: cosine of two nodes", "mean cosine similarity",
+             [(x, [h["hop_cosine"][i] for h in history], f"{i + 1} hop{'s' * (i > 0)} apart")
+              for i in range(len(history[-1]["hop_cosine"]))]
+             + [(x, [h["cross_arm_cosine"] for h in history], "in different arms")], None)]
+           if all("hop_cosine" in h for h in history) else []),  # (a run resumed from older code)
         f"Embedding geometry: {label}")
     shown = data["test_arms"][:8]  # held-out arms: their paths were never trained end to end
     plot_cosine_heatmap(os.path.join(out, "embedding_heatmap.png"), emb, [a[1:] for a in shown],

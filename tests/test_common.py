@@ -9,7 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from common import (GPT, CausalSelfAttention, GPTConfig, GroupSampler, Packing, Phase, Stepper, Vocab,
                     adjacency, arm_edges, cosine_matrix, decode_answer, edge_group, edge_recall, forever,
-                    greedy_decode, grid_graph, loss_tail, lr_at, make_optimizer, navigation_score, path_group,
+                    greedy_decode, grid_graph, hop_cosine, loss_tail, lr_at, make_optimizer, navigation_score,
+                    path_group,
                     path_prompts, path_star, path_targets, set_lr, split_arms, tiny_graph, top_k_hits, train)
 
 
@@ -254,6 +255,32 @@ def test_navigation_score_known_answers():
     for i, arm in enumerate(arms):  # leaf i now leans to arm i+1's axis: own first node ranks 2nd
         emb[arm[-1]] = eye[(i + 1) % 5] + 0.1 * eye[i]
     assert navigation_score(emb, arms, arms) == (0.0, 2.0)
+
+
+def test_hop_cosine_known_answers():
+    """Each arm on two axes of its own, alternating along it (a zigzag): nodes 2 hops apart are
+    alike (1), 1 and 3 hops apart orthogonal (0), as are nodes of different arms; with one axis
+    per arm every pair of an arm is alike. A random embedding against the pairs counted one by one."""
+    _, _, arms = path_star(4, 5, seed=0)  # 4 arms of 4 nodes after the root
+    eye = torch.eye(8)
+    zigzag = torch.zeros(17, 8)
+    for i, arm in enumerate(arms):
+        for j, node in enumerate(arm[1:]):
+            zigzag[node] = eye[2 * i + j % 2]
+    assert hop_cosine(zigzag, arms) == (pytest.approx([0.0, 1.0, 0.0]), pytest.approx(0.0))
+    blocks = torch.zeros(17, 8)
+    for i, arm in enumerate(arms):
+        blocks[arm[1:]] = eye[i] * (i + 1)  # the norm does not count
+    assert hop_cosine(blocks, arms) == (pytest.approx([1.0, 1.0, 1.0]), pytest.approx(0.0))
+    emb = torch.randn(17, 8, generator=torch.Generator().manual_seed(0))
+    cos = cosine_matrix(emb)
+    nodes = [(i, j, node) for i, arm in enumerate(arms) for j, node in enumerate(arm[1:])]
+    by_hop = [[float(cos[u, v]) for i, j, u in nodes for k, m, v in nodes if i == k and m - j == h]
+              for h in (1, 2, 3)]
+    cross = [float(cos[u, v]) for i, _, u in nodes for k, _, v in nodes if i != k]
+    hops, c = hop_cosine(emb, arms)
+    assert hops == pytest.approx([np.mean(x) for x in by_hop], abs=1e-6)
+    assert c == pytest.approx(np.mean(cross), abs=1e-6)
 
 
 def test_cosine_matrix():
