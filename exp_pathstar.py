@@ -126,7 +126,8 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     r.add_argument("--quick", action="store_true", help=preset_help("CPU-sized preset", quick))
     r.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     r.add_argument("--bench", action="store_true", help="time training steps of this configuration in each "
-                   "step mode (eager, compiled, CUDA graph), write --out/bench.json, no training")
+                   "step mode (eager, compiled, CUDA graph; packed too for a GPT), write --out/bench.json, "
+                   "no training")
     add_step_flags(r)
     r.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
                    help="pack the short rows of a step (edges) into rows of the longest length, one forward "
