@@ -141,8 +141,9 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
                    "--out/<arm>/ plus summary.csv and summary.png: " + "; ".join(
                        f"{k}: {', '.join(v)}" for k, v in SWEEPS.items()) if sweeps else argparse.SUPPRESS)
     if sweeps:
-        r.add_argument("--parallel", type=int, default=1, help="--sweep: arms run at a time, each in its own "
-                       "process (on a GPU they share it; on the CPU they share its threads)")
+        r.add_argument("--parallel", type=int, default=1, help="runs at a time, each in its own process: "
+                       "the arms of a --sweep, else the --seeds (on a GPU they share it; on the CPU they "
+                       "share its threads)")
     p.set_defaults(**(defaults or {}))
     args = parse_with_presets(p, {"quick": quick}, argv)
     args.graph = graph_name(args) if graph_name else f"G({args.n},{args.l})"
@@ -502,9 +503,24 @@ def run_task(args, device, task=None, threads=None):
     return run(args, device, data, task[1](data, args))
 
 
+def run_many(runs, device, task=None, parallel=1):
+    """{name: args} -> {name: what run_task returned}: one run after another, or `parallel` at a
+    time as separate processes (one GPU or the CPU's cores shared; on the CPU each gets its share
+    of the threads). `task`: see run_task."""
+    if parallel <= 1 or len(runs) <= 1:
+        return {name: run_task(a, device, task) for name, a in runs.items()}
+    import concurrent.futures
+    import multiprocessing
+    threads = None if device.startswith("cuda") else max(1, torch.get_num_threads() // parallel)
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(parallel, spawn) as pool:
+        futures = {name: pool.submit(run_task, a, device, task, threads) for name, a in runs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
 def run_sweep(args, device, task=None):
     """Each arm of the sweep is an ordinary run in --out/<arm>/, one after another, or
-    --parallel K at a time as separate processes (one GPU or the CPU's cores shared). With
+    --parallel K at a time (run_many). With
     --resume, finished arms are kept, interrupted ones resumed, missing ones started. `task`: see
     run_task."""
     results, todo, reference = {}, {}, None
@@ -522,16 +538,7 @@ def run_sweep(args, device, task=None):
         a.resume = args.resume and os.path.exists(os.path.join(a.out, "checkpoint.pt"))
         print(f"[{args.sweep}] {arm}: " + " ".join(f"{k}={v}" for k, v in flags.items()))
         todo[arm] = a
-    if args.parallel > 1 and len(todo) > 1:
-        import concurrent.futures
-        import multiprocessing
-        threads = None if device.startswith("cuda") else max(1, torch.get_num_threads() // args.parallel)
-        spawn = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(args.parallel, spawn) as pool:
-            futures = {arm: pool.submit(run_task, a, device, task, threads) for arm, a in todo.items()}
-            results.update({arm: f.result() for arm, f in futures.items()})
-    else:
-        results.update({arm: run_task(a, device, task) for arm, a in todo.items()})
+    results.update(run_many(todo, device, task, args.parallel))
     results = {arm: results[arm] for arm in SWEEPS[args.sweep]}  # the sweep's order
     rows = []
     for arm, r in results.items():
@@ -575,14 +582,18 @@ def run_sweep(args, device, task=None):
 def run_seeds(args, device, task=None):
     """--seeds: the run or sweep once per seed in --out/seed<k>/, then the mean, min and max over
     seeds of every final metric (summary.csv, metrics.json) and the curves with their spread
-    (summary.png). Returns {seed: what run / run_sweep returned}. `task`: see run_task."""
-    per_seed = {}
+    (summary.png). The seeds of a run go --parallel K at a time (run_many); a sweep's arms do.
+    Returns {seed: what run / run_sweep returned}. `task`: see run_task."""
+    runs = {}
     for s in args.seeds:
-        out = os.path.join(args.out, f"seed{s}")
-        a = argparse.Namespace(**{**vars(args), "seed": s, "seeds": None, "out": out})
-        prepare_out(a.out)
-        print(f"[seeds] seed {s} -> {a.out}")
-        per_seed[s] = run_sweep(a, device, task) if args.sweep else run_task(a, device, task)
+        runs[s] = argparse.Namespace(**{**vars(args), "seed": s, "seeds": None,
+                                        "out": os.path.join(args.out, f"seed{s}")})
+        prepare_out(runs[s].out)
+        print(f"[seeds] seed {s} -> {runs[s].out}")
+    if args.sweep:  # a sweep per seed, its arms --parallel K at a time
+        per_seed = {s: run_sweep(a, device, task) for s, a in runs.items()}
+    else:
+        per_seed = run_many(runs, device, task, getattr(args, "parallel", 1))
     seeds = list(args.seeds)
     if args.sweep:  # per arm: its summary row; curves from each arm's metrics.json
         table = {arm: spread({s: next(r for r in per_seed[s] if r["arm"] == arm) for s in seeds})

@@ -184,6 +184,25 @@ def test_parallel_sweep_matches_sequential(tmp_path):
     assert [r["arm"] for r in par] == ["trained", "frozen"] and drop(par) == drop(seq)
 
 
+def test_parallel_seeds_match_sequential(tmp_path):
+    """--seeds 0 1 --parallel 2: each seed in its own process, the same runs and spread as one after
+    another with one thread."""
+    flags = TINY + ["--epochs", "3", "--eval-every", "1", "--seeds", "0", "1"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seq = exp_pathstar.main(flags + ["--out", str(tmp_path / "seq")])
+    finally:
+        torch.set_num_threads(threads)
+    par = exp_pathstar.main(flags + ["--parallel", "2", "--out", str(tmp_path / "par")])
+    untimed = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
+    assert list(par) == [0, 1]
+    assert all(untimed(par[s]["history"]) == untimed(seq[s]["history"]) for s in (0, 1))
+    spread = lambda run: {k: v for k, v in json.load(open(tmp_path / run / "metrics.json"))["final"].items()
+                          if k != "time_s"}
+    assert spread("par") == spread("seq") and figure_ok(tmp_path / "par" / "summary.png")
+
+
 def test_edges_only_reports_geometry(tmp_path):
     out = tmp_path / "edges_only"
     exp_pathstar.main(TINY + ["--no-paths", "--epochs", "2", "--out", str(out)])
