@@ -1192,17 +1192,19 @@ def spectral_share(E, V):
     return float(((Q.T @ E) ** 2).sum() / (E ** 2).sum())
 
 
-def navigation_score(emb, arms, all_arms):
+def navigation_score(emb, arms, all_arms, source=-1, target=1):
     """§2.4 geometry score: for the leaf of each root-to-leaf path in `arms`, rank the root's
     children (the distinct first nodes of `all_arms`) by cosine similarity to the leaf's
     embedding. Returns the top-1 rate (the leaf points at its own first node; chance 1/d) and
     the mean rank (1 = best; chance (d+1)/2). Ties and non-finite values count against: a child
-    as similar as the own one ranks above it, a non-finite row ranks last. Runs on emb's device."""
+    as similar as the own one ranks above it, a non-finite row ranks last. Runs on emb's device.
+    `source`, `target`: other positions in the path, e.g. (-1, -3): the leaf among the nodes two
+    hops above every leaf, which a zigzag arm (§4.4, `hop_cosine`) stores and (-1, 1) misses."""
     emb = torch.as_tensor(emb).float()
-    children = sorted({a[1] for a in all_arms})
+    children = sorted({a[target] for a in all_arms})
     column = {c: i for i, c in enumerate(children)}
-    own = torch.tensor([column[arm[1]] for arm in arms], device=emb.device)
-    sim = cosine_matrix(emb[[a[-1] for a in arms]], emb[children])
+    own = torch.tensor([column[arm[target]] for arm in arms], device=emb.device)
+    sim = cosine_matrix(emb[[a[source] for a in arms]], emb[children])
     rank = (sim >= sim.gather(1, own[:, None])).sum(1).float()
     rank = torch.where(torch.isfinite(sim).all(1), rank, float(len(children)))
     return (rank == 1).float().mean().item(), rank.mean().item()

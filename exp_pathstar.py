@@ -244,6 +244,9 @@ def make_evaluate(data, args, device, measure=None):
         nav = navigation_score(emb, data["test_arms"], data["arms"])
         res["navigation_acc"], res["navigation_mean_rank"] = nav
         res["chance_navigation_mean_rank"] = (args.n + 1) / 2
+        if args.l >= 4:  # leaf -> the node two hops above it: what a zigzag arm stores (§4.4)
+            nav = navigation_score(emb, data["test_arms"], data["arms"], source=-1, target=-3)
+            res["navigation_2hop_acc"], res["navigation_2hop_mean_rank"] = nav
         res["hop_cosine"], res["cross_arm_cosine"] = hop_cosine(emb, data["test_arms"])
         E = emb.cpu().numpy()
         res["geometric_level"] = geometric_level(E, data["edges"])
@@ -326,12 +329,16 @@ def write_outputs(out, args, data, model, history, wall, device):
          [(x, [h[key][i] for h in history], names[i]) for i in range(args.l)], chance)
         for mode, key in (("greedy decoding", "test_token_acc"), ("teacher-forced", "test_token_acc_tf"))],
         f"Per-position accuracy: {label}")
+    two_hops = all("navigation_2hop_acc" in h for h in history)  # (l >= 4, and not resumed from older code)
+    up2 = lambda key, label: [(x, [h[key] for h in history], label)] if two_hops else []
     plot_panels(os.path.join(out, "geometry.png"), [
         ("held-out leaves", "accuracy",
          [(x, [h["test_first_token_acc"] for h in history], "first-token accuracy"),
-          (x, [h["navigation_acc"] for h in history], "navigation (top-1)")], chance),
-        ("rank of own first node among root children", "mean rank (1 = best)",
-         [(x, [h["navigation_mean_rank"] for h in history], "navigation mean rank")], (args.n + 1) / 2)]
+          (x, [h["navigation_acc"] for h in history], "navigation (top-1): leaf -> first node")]
+         + up2("navigation_2hop_acc", "leaf -> node 2 hops up (top-1)"), chance),
+        ("rank of the leaf's own node among all arms'", "mean rank (1 = best)",
+         [(x, [h["navigation_mean_rank"] for h in history], "first node")]
+         + up2("navigation_2hop_mean_rank", "node 2 hops up"), (args.n + 1) / 2)]
         + ([("held-out arms: cosine of two nodes", "mean cosine similarity",
              [(x, [h["hop_cosine"][i] for h in history], f"{i + 1} hop{'s' * (i > 0)} apart")
               for i in range(len(history[-1]["hop_cosine"]))]
@@ -604,9 +611,12 @@ def run_seeds(args, device, task=None):
         table = {"run": spread({s: per_seed[s]["history"][-1] for s in seeds})}
         hist = {f"mean of {len(seeds)} seeds": [per_seed[s]["history"] for s in seeds]}
     keys = [("test_first_token_acc", "held-out first token"), ("test_path_acc", "held-out full path"),
-            ("navigation_acc", "navigation (top-1)"), ("edge_acc", "edges memorized")]
+            ("navigation_acc", "navigation (top-1)"),
+            ("navigation_2hop_acc", "leaf -> node 2 hops up (top-1)"), ("edge_acc", "edges memorized")]
     if args.first_token_only or args.no_paths:
         keys = [k for k in keys if "path" not in k[0]]
+    last = next(iter(hist.values()))[0][-1]  # a key some runs lack (l < 4, older code) is left out
+    keys = [k for k in keys if k[0] in last]
     reference = {}
     if args.sweep == "headroom":  # the gap to Node2Vec, its value averaged over the seeds' graphs
         keys += [("spectral_share", "spectral share"), ("geometric_level", "geometric level")]
@@ -621,10 +631,10 @@ def run_seeds(args, device, task=None):
     band_line = lambda name, epochs, mean, band: (epochs, mean, name, band)
     ref_line = lambda key, lines: [(lines[0][0], [reference[key]] * len(lines[0][0]),
                                     "Node2Vec, edges only")] if key in reference else []
-    panels = []
+    panels, one_in_n = [], ("test_first_token_acc", "navigation_acc", "navigation_2hop_acc")  # chance 1/n
     for key, label in keys:
         lines = [band_line(name, *curve_band(h, key)) for name, h in hist.items()]
-        chance = 1.0 / args.n if key in ("test_first_token_acc", "navigation_acc") else None
+        chance = 1.0 / args.n if key in one_in_n else None
         panels.append((label, "accuracy" if key.endswith("_acc") else "value", lines + ref_line(key, lines),
                        chance))
     plot_panels(os.path.join(args.out, "summary.png"), panels,

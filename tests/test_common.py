@@ -268,6 +268,10 @@ def test_hop_cosine_known_answers():
         for j, node in enumerate(arm[1:]):
             zigzag[node] = eye[2 * i + j % 2]
     assert hop_cosine(zigzag, arms) == (pytest.approx([0.0, 1.0, 0.0]), pytest.approx(0.0))
+    # the leaf is 3 hops from a1 (orthogonal, tied with every other first node: ranked last) and
+    # 2 hops from a2 (its own axis)
+    assert navigation_score(zigzag, arms, arms) == (0.0, 4.0)
+    assert navigation_score(zigzag, arms, arms, source=-1, target=-3) == (1.0, 1.0)
     blocks = torch.zeros(17, 8)
     for i, arm in enumerate(arms):
         blocks[arm[1:]] = eye[i] * (i + 1)  # the norm does not count

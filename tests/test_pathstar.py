@@ -426,3 +426,5 @@ def test_headline_task_learns(tmp_path):
     assert final["train_first_token_acc"] == 1.0 and final["edge_acc"] == 1.0
     assert final["test_first_token_acc"] >= 10 * final["chance_first_token"]
     assert final["navigation_acc"] >= 0.5
+    assert (final["navigation_2hop_acc"], final["navigation_2hop_mean_rank"]) == (  # l = 4: a1 is 2 hops up
+        final["navigation_acc"], final["navigation_mean_rank"])
