@@ -525,26 +525,36 @@ def run_many(runs, device, task=None, parallel=1):
         return {name: f.result() for name, f in futures.items()}
 
 
+def resume_plan(a, resume, label):
+    """With --resume, what becomes of one run of a sweep or of --seeds, whose --out may hold an
+    earlier try: finished (its metrics.json has this config and every planned epoch; a run stopped
+    by --time-limit has not) -> kept, its metrics returned; a checkpoint -> resumed; nothing ->
+    started afresh. Sets a.resume; returns the kept metrics or None."""
+    metrics = os.path.join(a.out, "metrics.json")
+    old = json.load(open(metrics)) if resume and os.path.exists(metrics) else None
+    finished = old and old.get("epochs_done") == old.get("epochs_planned")
+    if finished and not config_diff(old["config"], vars(a)):
+        print(f"{label}: finished earlier, kept")
+        return old
+    a.resume = resume and os.path.exists(os.path.join(a.out, "checkpoint.pt"))
+    return None
+
+
 def run_sweep(args, device, task=None):
     """Each arm of the sweep is an ordinary run in --out/<arm>/, one after another, or
-    --parallel K at a time (run_many). With
-    --resume, finished arms are kept, interrupted ones resumed, missing ones started. `task`: see
-    run_task."""
+    --parallel K at a time (run_many). --resume keeps finished arms, resumes interrupted ones and
+    starts missing ones (resume_plan). `task`: see run_task."""
     results, todo, reference = {}, {}, None
     if args.sweep == "headroom":  # Node2Vec on the same edges: the geometry to reach, and k
         args, reference = headroom_reference(args, device, task)
     for arm, flags in SWEEPS[args.sweep].items():
         a = argparse.Namespace(**{**vars(args), **flags, "sweep": None, "out": os.path.join(args.out, arm)})
         prepare_out(a.out)
-        metrics = os.path.join(a.out, "metrics.json")
-        old = json.load(open(metrics)) if args.resume and os.path.exists(metrics) else None
-        if old and not config_diff(old["config"], vars(a)):
-            print(f"[{args.sweep}] {arm}: finished earlier, kept")
-            results[arm] = old
-            continue
-        a.resume = args.resume and os.path.exists(os.path.join(a.out, "checkpoint.pt"))
-        print(f"[{args.sweep}] {arm}: " + " ".join(f"{k}={v}" for k, v in flags.items()))
-        todo[arm] = a
+        if (kept := resume_plan(a, args.resume, f"[{args.sweep}] {arm}")) is not None:
+            results[arm] = kept
+        else:
+            print(f"[{args.sweep}] {arm}: " + " ".join(f"{k}={v}" for k, v in flags.items()))
+            todo[arm] = a
     results.update(run_many(todo, device, task, args.parallel))
     results = {arm: results[arm] for arm in SWEEPS[args.sweep]}  # the sweep's order
     rows = []
@@ -590,17 +600,22 @@ def run_seeds(args, device, task=None):
     """--seeds: the run or sweep once per seed in --out/seed<k>/, then the mean, min and max over
     seeds of every final metric (summary.csv, metrics.json) and the curves with their spread
     (summary.png). The seeds of a run go --parallel K at a time (run_many); a sweep's arms do.
-    Returns {seed: what run / run_sweep returned}. `task`: see run_task."""
-    runs = {}
+    --resume keeps, resumes or starts each seed (resume_plan). Returns {seed: what run / run_sweep
+    returned}. `task`: see run_task."""
+    per_seed, todo = {}, {}
     for s in args.seeds:
-        runs[s] = argparse.Namespace(**{**vars(args), "seed": s, "seeds": None,
-                                        "out": os.path.join(args.out, f"seed{s}")})
-        prepare_out(runs[s].out)
-        print(f"[seeds] seed {s} -> {runs[s].out}")
-    if args.sweep:  # a sweep per seed, its arms --parallel K at a time
-        per_seed = {s: run_sweep(a, device, task) for s, a in runs.items()}
-    else:
-        per_seed = run_many(runs, device, task, getattr(args, "parallel", 1))
+        a = argparse.Namespace(**{**vars(args), "seed": s, "seeds": None,
+                                  "out": os.path.join(args.out, f"seed{s}")})
+        prepare_out(a.out)
+        print(f"[seeds] seed {s} -> {a.out}")
+        if args.sweep:  # a sweep per seed, its arms --parallel K at a time
+            per_seed[s] = run_sweep(a, device, task)
+        elif (kept := resume_plan(a, args.resume, f"[seeds] seed {s}")) is not None:
+            per_seed[s] = kept
+        else:
+            todo[s] = a
+    per_seed.update(run_many(todo, device, task, getattr(args, "parallel", 1)))
+    per_seed = {s: per_seed[s] for s in args.seeds}  # kept ones first otherwise
     seeds = list(args.seeds)
     if args.sweep:  # per arm: its summary row; curves from each arm's metrics.json
         table = {arm: spread({s: next(r for r in per_seed[s] if r["arm"] == arm) for s in seeds})

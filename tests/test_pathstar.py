@@ -2,6 +2,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -288,6 +289,25 @@ def test_seeds_write_spread(tmp_path):
     assert float(row["seed1"]) == per[1]["final"]["edge_acc"] and float(row["min"]) == min(
         per[s]["final"]["edge_acc"] for s in (0, 1))
     assert figure_ok(out / "summary.png")
+
+
+def test_seeds_resume_keeps_finished_resumes_stopped_starts_missing(tmp_path):
+    """--seeds --resume after a --time-limit stop: a seed stopped early resumes from its checkpoint,
+    a seed that never ran starts, and both end as one uninterrupted run; a second --resume keeps
+    every finished seed and trains nothing."""
+    flags = TINY + ["--epochs", "4", "--eval-every", "1", "--seeds", "0", "1"]
+    untimed = lambda run: [{k: v for k, v in h.items() if k != "time_s"} for h in run["history"]]
+    straight = exp_pathstar.main(flags + ["--out", str(tmp_path / "straight")])
+    out = tmp_path / "stopped"
+    exp_pathstar.main(flags + ["--time-limit", "1e-9", "--out", str(out)])  # stops after epoch 1
+    assert json.load(open(out / "seed0" / "metrics.json"))["epochs_done"] == 1
+    shutil.rmtree(out / "seed1")
+    resumed = exp_pathstar.main(flags + ["--resume", "--out", str(out)])
+    assert list(resumed) == [0, 1] and all(untimed(resumed[s]) == untimed(straight[s]) for s in (0, 1))
+    mtime = os.path.getmtime(out / "seed0" / "metrics.json")
+    kept = exp_pathstar.main(flags + ["--resume", "--out", str(out)])
+    assert all(untimed(kept[s]) == untimed(straight[s]) for s in (0, 1))
+    assert os.path.getmtime(out / "seed0" / "metrics.json") == mtime  # not trained again
 
 
 def test_sweep_with_seeds(tmp_path):
