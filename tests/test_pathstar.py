@@ -170,17 +170,22 @@ def test_sweep_writes_arms_and_summary(tmp_path):
     assert again == rows
 
 
-def test_parallel_sweep_matches_sequential(tmp_path):
-    """--parallel 2: each arm in its own process (one thread each here), the same results as one
-    after another with one thread."""
-    flags = TINY + ["--sweep", "frozen", "--epochs", "3", "--eval-every", "1"]
+def one_thread_then_parallel(flags, tmp_path):
+    """The run `flags` one after another with one thread (--out seq), then --parallel 2 (--out par)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         seq = exp_pathstar.main(flags + ["--out", str(tmp_path / "seq")])
     finally:
         torch.set_num_threads(threads)
-    par = exp_pathstar.main(flags + ["--parallel", "2", "--out", str(tmp_path / "par")])
+    return seq, exp_pathstar.main(flags + ["--parallel", "2", "--out", str(tmp_path / "par")])
+
+
+def test_parallel_sweep_matches_sequential(tmp_path):
+    """--parallel 2: each arm in its own process (one thread each here), the same results as one
+    after another with one thread."""
+    seq, par = one_thread_then_parallel(TINY + ["--sweep", "frozen", "--epochs", "3", "--eval-every", "1"],
+                                        tmp_path)
     drop = lambda rows: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]
     assert [r["arm"] for r in par] == ["trained", "frozen"] and drop(par) == drop(seq)
 
@@ -188,14 +193,8 @@ def test_parallel_sweep_matches_sequential(tmp_path):
 def test_parallel_seeds_match_sequential(tmp_path):
     """--seeds 0 1 --parallel 2: each seed in its own process, the same runs and spread as one after
     another with one thread."""
-    flags = TINY + ["--epochs", "3", "--eval-every", "1", "--seeds", "0", "1"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        seq = exp_pathstar.main(flags + ["--out", str(tmp_path / "seq")])
-    finally:
-        torch.set_num_threads(threads)
-    par = exp_pathstar.main(flags + ["--parallel", "2", "--out", str(tmp_path / "par")])
+    seq, par = one_thread_then_parallel(TINY + ["--epochs", "3", "--eval-every", "1", "--seeds", "0", "1"],
+                                        tmp_path)
     untimed = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
     assert list(par) == [0, 1]
     assert all(untimed(par[s]["history"]) == untimed(seq[s]["history"]) for s in (0, 1))
