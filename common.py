@@ -1198,8 +1198,9 @@ def navigation_score(emb, arms, all_arms, source=-1, target=1):
     embedding. Returns the top-1 rate (the leaf points at its own first node; chance 1/d) and
     the mean rank (1 = best; chance (d+1)/2). Ties and non-finite values count against: a child
     as similar as the own one ranks above it, a non-finite row ranks last. Runs on emb's device.
-    `source`, `target`: other positions in the path, e.g. (-1, -3): the leaf among the nodes two
-    hops above every leaf, which a zigzag arm (§4.4, `hop_cosine`) stores and (-1, 1) misses."""
+    `source`, `target`: the path positions compared (default: the leaf, -1, against first nodes,
+    1); (-1, -3) ranks the node two hops above each leaf among those of every arm: the pair a
+    zigzag arm (§4.4, `hop_cosine`) stores and (-1, 1) misses."""
     emb = torch.as_tensor(emb).float()
     children = sorted({a[target] for a in all_arms})
     column = {c: i for i, c in enumerate(children)}
