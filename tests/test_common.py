@@ -10,8 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from common import (GPT, CausalSelfAttention, GPTConfig, GroupSampler, Packing, Phase, Stepper, Vocab,
                     adjacency, arm_edges, cosine_matrix, decode_answer, edge_group, edge_recall, forever,
                     greedy_decode, grid_graph, hop_cosine, loss_tail, lr_at, make_optimizer, navigation_score,
-                    path_group,
-                    path_prompts, path_star, path_targets, set_lr, split_arms, tiny_graph, top_k_hits, train)
+                    path_group, path_prompts, path_star, path_targets, set_lr, split_arms, tiny_graph,
+                    top_k_hits, train)
 
 
 @pytest.mark.parametrize("d,l", [(1, 2), (3, 5), (50, 4), (7, 10)])

@@ -170,6 +170,11 @@ def test_sweep_writes_arms_and_summary(tmp_path):
     assert again == rows
 
 
+def untimed(rows, key="time_s"):
+    """Rows (evaluations, summary rows) without their wall-clock field, the one thing runs may differ in."""
+    return [{k: v for k, v in r.items() if k != key} for r in rows]
+
+
 def one_thread_then_parallel(flags, tmp_path):
     """The run `flags` one after another with one thread (--out seq), then --parallel 2 (--out par)."""
     threads = torch.get_num_threads()
@@ -186,8 +191,8 @@ def test_parallel_sweep_matches_sequential(tmp_path):
     after another with one thread."""
     seq, par = one_thread_then_parallel(TINY + ["--sweep", "frozen", "--epochs", "3", "--eval-every", "1"],
                                         tmp_path)
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]
-    assert [r["arm"] for r in par] == ["trained", "frozen"] and drop(par) == drop(seq)
+    assert [r["arm"] for r in par] == ["trained", "frozen"]
+    assert untimed(par, "wall_time_s") == untimed(seq, "wall_time_s")
 
 
 def test_parallel_seeds_match_sequential(tmp_path):
@@ -195,11 +200,9 @@ def test_parallel_seeds_match_sequential(tmp_path):
     another with one thread."""
     seq, par = one_thread_then_parallel(TINY + ["--epochs", "3", "--eval-every", "1", "--seeds", "0", "1"],
                                         tmp_path)
-    untimed = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
     assert list(par) == [0, 1]
     assert all(untimed(par[s]["history"]) == untimed(seq[s]["history"]) for s in (0, 1))
-    spread = lambda run: {k: v for k, v in json.load(open(tmp_path / run / "metrics.json"))["final"].items()
-                          if k != "time_s"}
+    spread = lambda run: untimed([json.load(open(tmp_path / run / "metrics.json"))["final"]])
     assert spread("par") == spread("seq") and figure_ok(tmp_path / "par" / "summary.png")
 
 
@@ -295,17 +298,17 @@ def test_seeds_resume_keeps_finished_resumes_stopped_starts_missing(tmp_path):
     a seed that never ran starts, and both end as one uninterrupted run; a second --resume keeps
     every finished seed and trains nothing."""
     flags = TINY + ["--epochs", "4", "--eval-every", "1", "--seeds", "0", "1"]
-    untimed = lambda run: [{k: v for k, v in h.items() if k != "time_s"} for h in run["history"]]
     straight = exp_pathstar.main(flags + ["--out", str(tmp_path / "straight")])
     out = tmp_path / "stopped"
     exp_pathstar.main(flags + ["--time-limit", "1e-9", "--out", str(out)])  # stops after epoch 1
     assert json.load(open(out / "seed0" / "metrics.json"))["epochs_done"] == 1
     shutil.rmtree(out / "seed1")
     resumed = exp_pathstar.main(flags + ["--resume", "--out", str(out)])
-    assert list(resumed) == [0, 1] and all(untimed(resumed[s]) == untimed(straight[s]) for s in (0, 1))
+    same = lambda a, b: untimed(a["history"]) == untimed(b["history"])
+    assert list(resumed) == [0, 1] and all(same(resumed[s], straight[s]) for s in (0, 1))
     mtime = os.path.getmtime(out / "seed0" / "metrics.json")
     kept = exp_pathstar.main(flags + ["--resume", "--out", str(out)])
-    assert all(untimed(kept[s]) == untimed(straight[s]) for s in (0, 1))
+    assert all(same(kept[s], straight[s]) for s in (0, 1))
     assert os.path.getmtime(out / "seed0" / "metrics.json") == mtime  # not trained again
 
 
