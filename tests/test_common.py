@@ -331,7 +331,8 @@ def test_training_step_never_syncs(pack):
     model = tiny_gpt(vocab_size=vocab.size, learned_positions=pack)
     opt = make_optimizer(model, 1e-3, 0.1)
     sampler = GroupSampler(groups, 16, torch.Generator().manual_seed(0))
-    step = Stepper(model, opt, groups, grad_clip=1.0, packing=Packing.for_sampler(sampler) if pack else None)
+    packing = Packing.for_sampler(sampler, model) if pack else None
+    step = Stepper(model, opt, groups, grad_clip=1.0, packing=packing)
     recorder = OpRecorder()
     for i, rows in enumerate(sampler.epoch()):
         with recorder:
@@ -354,14 +355,19 @@ def test_old_style_step_would_be_caught():
     assert "aten._local_scalar_dense" in recorder.ops and any(op.endswith("[bool]") for op in recorder.ops)
 
 
-def train_losses(compile, steps=6, state=None, pack=False, batch_size=16, **model_kw):
+def train_losses(compile, steps=6, state=None, pack=False, batch_size=16, heads=True, **model_kw):
     vocab, groups = tiny_task()
     model = tiny_gpt(vocab_size=vocab.size, **model_kw)
     if state:
         model.load_state_dict(state)
     opt = make_optimizer(model, 3e-3, 0.1)
     sampler = GroupSampler(groups, batch_size, torch.Generator().manual_seed(0))
-    packing = Packing.for_sampler(sampler) if pack else None
+    packing = Packing.for_sampler(sampler, model) if pack else None
+    if pack:  # both groups start with one token ([EDGE], [PATH]): shared heads unless told not to
+        assert [h for h, *_ in packing.layout] == [1, 1]
+        if not heads:
+            shapes = [(n, X.shape[1], Y.shape[1]) for (X, Y), n in zip(groups, sampler.shares)]
+            packing = Packing(shapes, "cpu")
     step = Stepper(model, opt, groups, 1.0, compile=compile, packing=packing)
     losses = []
     for rows in itertools.islice(forever(sampler), steps):
@@ -386,7 +392,7 @@ def test_packing_layout_known_answer():
     """5 edge rows (L = 2, loss on the last token) and 2 path rows (L = 4) pack into rows of 4:
     edges two to a row (the 6th slot is a padding row), paths one to a row."""
     p = Packing([(5, 2, 1), (2, 4, 1)], "cpu")
-    assert p.layout == [(2, 1, 0), (1, 0, 0)]
+    assert p.layout == [(0, 2, 1, 0), (0, 1, 0, 0)]  # (head, segments, padding rows, padding tokens)
     assert p.positions.tolist() == [[0, 1, 0, 1]] * 3 + [[0, 1, 2, 3]] * 2
     # row j of the edges sits in packed row j // 2 at column 2 * (j % 2) + 1; paths at column 3
     assert p.loss_index.tolist() == [1, 3, 5, 7, 9, 15, 19]
@@ -399,26 +405,66 @@ def test_packing_layout_known_answer():
     assert targets.tolist() == [0, 1, 2, 3, 4, 7, 8]
 
 
+def test_packing_shares_heads_known_answer():
+    """The same rows, each group's first token shared: a packed row is [EDGE] and then three
+    edges' second tokens (the 6th slot a padding row), each attending to the head and itself;
+    a path row is as it was."""
+    p = Packing([(5, 2, 1), (2, 4, 1)], "cpu", heads=[True, True])
+    assert p.layout == [(1, 3, 1, 0), (1, 1, 0, 0)]
+    assert p.positions.tolist() == [[0, 1, 1, 1]] * 2 + [[0, 1, 2, 3]] * 2
+    assert p.loss_index.tolist() == [1, 2, 3, 5, 6, 11, 15]
+    head_and_self = [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1]]
+    assert p.mask[:, 0].int().tolist() == [head_and_self] * 2 + [torch.ones(4, 4).tril().int().tolist()] * 2
+    X, Y = torch.stack([torch.full((5,), 30), torch.arange(1, 6)], 1), torch.arange(5).view(5, 1)
+    Xp, Yp = torch.tensor([[31, 10, 11, 12], [31, 13, 14, 15]]), torch.tensor([[7], [8]])
+    [(packed, targets)] = p([(X, Y), (Xp, Yp)])
+    assert packed.tolist() == [[30, 1, 2, 3], [30, 4, 5, 0], [31, 10, 11, 12], [31, 13, 14, 15]]
+    assert targets.tolist() == [0, 1, 2, 3, 4, 7, 8]
+
+
+def test_packing_shares_heads_only_where_it_may():
+    """A head is shared where every row of a group starts with one token, that token carries no
+    loss, and the model has no dropout."""
+    gen = torch.Generator().manual_seed(0)
+    same = (torch.tensor([[30, 1], [30, 2]]), torch.tensor([[5], [6]]))
+    mixed = (torch.tensor([[30, 1], [31, 2]]), torch.tensor([[5], [6]]))
+    loss_on_head = (torch.tensor([[30, 1], [30, 2]]), torch.tensor([[5, 1], [6, 2]]))
+    sampler = GroupSampler([same, mixed, loss_on_head], 6, gen)
+    heads = lambda model: [h for h, *_ in Packing.for_sampler(sampler, model).layout]
+    assert heads(tiny_gpt(vocab_size=32)) == [1, 0, 0]
+    assert heads(tiny_gpt(vocab_size=32, dropout=0.1)) == [0, 0, 0]
+
+
 def test_packing_pads_rows_that_do_not_divide():
     """L = 3 into T = 8: two segments and 2 padding tokens (a segment of their own) per row; a
     full-path group's 3 loss positions are the last 3 of each segment."""
     p = Packing([(3, 3, 3), (1, 8, 3)], "cpu")
-    assert p.layout == [(2, 1, 2), (1, 0, 0)]
+    assert p.layout == [(0, 2, 1, 2), (0, 1, 0, 0)]
     assert p.positions[0].tolist() == [0, 1, 2, 0, 1, 2, 0, 1]  # the padding's positions: any
     assert p.loss_index.tolist() == [0, 1, 2, 3, 4, 5, 8, 9, 10, 21, 22, 23]
     m = p.mask[0, 0]
     assert not m[3, :3].any() and m[3, 3] and not m[6, :6].any() and m[7, 6:].all()  # segments apart
+    # with a shared head: three segments of 2 after it, 1 padding token; the losses on both
+    p = Packing([(3, 3, 2), (1, 8, 3)], "cpu", heads=[True, True])
+    assert p.layout == [(1, 3, 0, 1), (1, 1, 0, 0)]
+    assert p.positions[0].tolist() == [0, 1, 2, 1, 2, 1, 2, 1]
+    assert p.loss_index.tolist() == [1, 2, 3, 4, 5, 6, 13, 14, 15]
+    m = p.mask[0, 0]
+    assert m[:, 0].all() and m[4].tolist() == [1, 0, 0, 1, 1, 0, 0, 0] and m[7, 1:].tolist() == [0] * 6 + [1]
 
 
-@pytest.mark.parametrize("learned,short", [(False, True), (True, True), (False, False)])
-def test_packed_step_matches_unpacked(learned, short, monkeypatch):
+@pytest.mark.parametrize("learned,short,heads", [(False, True, True), (True, True, True),
+                                                 (False, False, True), (False, True, False),
+                                                 (False, False, False)])
+def test_packed_step_matches_unpacked(learned, short, heads, monkeypatch):
     """Packing changes only how a step is laid out: the losses and the weights after 6 steps are
-    the unpacked ones (positions fixed or learned, explicit or fused attention with a mask; a
-    batch of 20 leaves a padding row)."""
+    the unpacked ones (heads shared or not, positions fixed or learned, explicit or fused
+    attention with a mask; a batch of 20 leaves padding rows)."""
     if not short:
         monkeypatch.setattr(CausalSelfAttention, "SHORT", 0)
     plain, model = train_losses(False, batch_size=20, learned_positions=learned)
-    packed, packed_model = train_losses(False, pack=True, batch_size=20, learned_positions=learned)
+    packed, packed_model = train_losses(False, pack=True, batch_size=20, heads=heads,
+                                        learned_positions=learned)
     assert packed == pytest.approx(plain, abs=1e-5)
     for a, b in zip(model.parameters(), packed_model.parameters()):
         assert torch.allclose(a, b, atol=1e-5)

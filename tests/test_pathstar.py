@@ -69,10 +69,14 @@ def test_bench_writes_json(tmp_path):
     model = exp_pathstar.make_model(argparse.Namespace(**b["config"]), 24 * 3 + 1 + 5)
     want = model.flops(144, 2, 144) + model.flops(18, 2 + 4 + 1, 18)  # edges; [PATH] leaf 4 pauses root
     assert b["flops_per_step"] == want
+    # packed, heads shared: [EDGE] and 6 edges' second tokens to a row of 7 (24 rows), paths as they were
+    want_packed = model.flops(24 + 18, 7, 162)
     for m in b["modes"].values():
+        assert m["tokens_per_step"] == ((24 + 18) * 7 if m["packed"] else 144 * 2 + 18 * 7)
+        assert m["flops_per_step"] == (want_packed if m["packed"] else want)
         assert m["ms_per_epoch"] == pytest.approx(m["ms_per_step"])
         assert m["seqs_per_s"] == pytest.approx(162 / m["ms_per_step"] * 1e3)
-        assert m["mfu"] == pytest.approx(want / m["ms_per_step"] * 1e3 / b["peak_flops_per_s"])
+        assert m["mfu"] == pytest.approx(m["flops_per_step"] / m["ms_per_step"] * 1e3 / b["peak_flops_per_s"])
         assert m["projected_train_minutes"] == pytest.approx(7 * m["ms_per_epoch"] / 6e4)
         # the profile of a step: ops by self time, the most first, the matmuls among them
         times = [ms for _, ms, _ in m["top_ops"]]
