@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import exp_pathstar
 from common import make_optimizer
 from conftest import figure_ok
@@ -58,10 +59,13 @@ def test_staged_and_variants_run(tmp_path):
     assert [(h["epoch"], h["phase"]) for h in hist] == [(1, "edges"), (2, "edges"), (3, "paths"), (4, "paths")]
 
 
-def test_bench_writes_json(tmp_path):
+def test_bench_writes_json(tmp_path, monkeypatch):
     out = str(tmp_path / "bench")
+    peaks = iter([1e9, 3e9])  # the peak is measured before and after the steps; the better counts
+    monkeypatch.setattr(common, "peak_matmul_flops", lambda device: next(peaks))
     exp_pathstar.main(TINY + ["--bench", "--first-token-only", "--epochs", "7", "--out", out])
     b = json.load(open(os.path.join(out, "bench.json")))
+    assert b["peak_flops_per_s"] == 3e9
     assert set(b["modes"]) == {"eager", "compiled", "eager+packed", "compiled+packed"}  # no CUDA graphs here
     assert [m["packed"] for m in b["modes"].values()] == [False, False, True, True]
     # G(24, 4): 144 edge examples (both directions) and 18 training leaves; batch 256 holds all
