@@ -26,7 +26,8 @@ Shape glossary
 A "group" is a pair (X, Y) of LongTensors (B, T): inputs and next-token targets, -1 = no loss.
 All rows of a group have the same length, so batches carry no padding; training cuts Y to its
 last k positions, where every group has its losses, so logits are a static slice. With `--pack`
-(`Packing`) a step's groups share one forward: short rows side by side, a block-diagonal mask.
+(`Packing`) a step's groups share one forward: short rows side by side, a block-diagonal mask,
+each group's shared first token ([EDGE], [PATH]) once per row.
 """
 import argparse
 import functools
