@@ -131,8 +131,8 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     add_step_flags(r)
     r.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
                    help="pack the short rows of a step (edges) into rows of the longest length, one forward "
-                   "per step instead of one per group, each row's [EDGE] / [PATH] computed once; same losses, "
-                   "fewer GPU kernels and tokens (GPT only; default: on for a GPT on CUDA)")
+                   "per step instead of one per group, each row's [EDGE] / [PATH] computed once; same "
+                   "losses, fewer GPU kernels and tokens (GPT only; default: on for a GPT on CUDA)")
     r.add_argument("--time-limit", type=float, default=None, help="minutes: stop at the first evaluation "
                    "after this long, write the outputs and a checkpoint (--resume continues)")
     r.add_argument("--ckpt-every", type=float, default=600, help="seconds between checkpoints (each "
