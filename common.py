@@ -856,7 +856,8 @@ class Packing:
             if pad_rows:
                 X = torch.cat([X, X.new_zeros(pad_rows, X.shape[1])])
             X = X[:, h:].reshape(-1, f * (X.shape[1] - h))
-            X = torch.cat([head.expand(len(X), h), X, X.new_zeros(len(X), pad_tokens)], 1)
+            if h or pad_tokens:  # a plain group is a view, no copy
+                X = torch.cat([head.expand(len(X), h), X, X.new_zeros(len(X), pad_tokens)], 1)
             packed.append(X)
         return [(torch.cat(packed), torch.cat([Y.flatten() for _, Y in batch]))]
 
