@@ -1421,6 +1421,19 @@ def write_spread_csv(path, table, seeds, label="run"):
                 w.writerow([name, k, m["mean"], m["min"], m["max"]] + [m["values"][str(s)] for s in seeds])
 
 
+def in_processes(fn, jobs, parallel=1):
+    """{name: args} -> {name: fn(*args)}: one call after another, or `parallel` at a time, each in
+    its own (spawned) process: the seeds or sweep arms of a script, on the CPU's cores or one GPU.
+    `fn` must be a module-level function (it is pickled by name)."""
+    if parallel <= 1 or len(jobs) <= 1:
+        return {name: fn(*a) for name, a in jobs.items()}
+    import concurrent.futures
+    import multiprocessing
+    with concurrent.futures.ProcessPoolExecutor(parallel, multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(fn, *a) for name, a in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
 def curve_band(histories, key):
     """Mean, min and max of history[key] over seeds, at the epochs every seed evaluated."""
     epochs = sorted(set.intersection(*({h["epoch"] for h in hist} for hist in histories)))

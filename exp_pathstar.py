@@ -19,11 +19,11 @@ import torch
 from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig, Phase, Vocab,
                     add_adamw_flags, add_step_flags, arm_edges, autocast, benchmark, config_diff, curve_band,
                     decode_answer, device_name, die, edge_group, edge_recall, geometric_level, hop_cosine,
-                    k_for_energy, laplacian_eigs, navigation_score, neighbour_targets, node2vec_loss,
-                    parse_with_presets, path_group, path_prompts, path_star, path_targets, peak_memory_gib,
-                    pick_device, plot_cosine_heatmap, plot_curves, plot_panels, prepare_out, preset_help,
-                    seed_everything, spectral_energy, spectral_share, split_arms, spread, step_modes,
-                    token_embeddings, train, train_node2vec, write_json, write_spread_csv)
+                    in_processes, k_for_energy, laplacian_eigs, navigation_score, neighbour_targets,
+                    node2vec_loss, parse_with_presets, path_group, path_prompts, path_star, path_targets,
+                    peak_memory_gib, pick_device, plot_cosine_heatmap, plot_curves, plot_panels, prepare_out,
+                    preset_help, seed_everything, spectral_energy, spectral_share, split_arms, spread,
+                    step_modes, token_embeddings, train, train_node2vec, write_json, write_spread_csv)
 
 # CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (docs/notes.md).
 # It keeps nanoGPT's AdamW (betas 0.95, clipping at 1, no decay on biases and norms): over seeds 0-2
@@ -515,15 +515,9 @@ def run_many(runs, device, task=None, parallel=1):
     """{name: args} -> {name: what run_task returned}: one run after another, or `parallel` at a
     time as separate processes (one GPU or the CPU's cores shared; on the CPU each gets its share
     of the threads). `task`: see run_task."""
-    if parallel <= 1 or len(runs) <= 1:
-        return {name: run_task(a, device, task) for name, a in runs.items()}
-    import concurrent.futures
-    import multiprocessing
-    threads = None if device.startswith("cuda") else max(1, torch.get_num_threads() // parallel)
-    spawn = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(parallel, spawn) as pool:
-        futures = {name: pool.submit(run_task, a, device, task, threads) for name, a in runs.items()}
-        return {name: f.result() for name, f in futures.items()}
+    alone = parallel <= 1 or len(runs) <= 1 or device.startswith("cuda")
+    threads = None if alone else max(1, torch.get_num_threads() // parallel)
+    return in_processes(run_task, {name: (a, device, task, threads) for name, a in runs.items()}, parallel)
 
 
 def resume_plan(a, resume, label):
