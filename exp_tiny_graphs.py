@@ -3,9 +3,13 @@ Sequence models trained only to memorize the edges of four tiny graphs store the
 (adjacent nodes get similar embeddings aligned with the top Laplacian eigenvectors), although the
 same networks with frozen embeddings store them associatively, and faster.
 
-  python exp_tiny_graphs.py                                 # every study, CPU, a few minutes
+  python exp_tiny_graphs.py                                 # every study, CPU, about 14 minutes
   python exp_tiny_graphs.py --quick                         # smoke configuration, seconds
   python exp_tiny_graphs.py --graph cycle --model tinynn node2vec --study main
+  python exp_tiny_graphs.py --seeds 0 1 2 --parallel 2      # every study per seed, then the spread
+
+Models: tinygpt, tinynn, tinyssm (1-layer GPT, TinyNN, 1-layer Mamba), their associative controls
+(the same with frozen token embeddings: associative_gpt, associative_nn, associative_ssm), node2vec.
 
 Studies:
   main          every model on every graph: edge recovery, geometric level, spectrum, geometric margin
@@ -14,6 +18,7 @@ Studies:
   regularizers  TinyNN on the cycle under self-edges, init scale, lr, weight decay, dropout (App. C.3.1)
   forward-only  TinyGPT trained on one direction of each edge (Fig. 32)
 """
+import argparse
 import os
 import time
 from dataclasses import dataclass
@@ -24,12 +29,12 @@ import torch.nn as nn
 
 from common import (GPT, TINY_GRAPHS, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig,
                     Phase, TiedLM, Vocab, adjacency, arm_edges, cosine_matrix, device_name, die, edge_group,
-                    edge_margin, edge_margin_authors, edge_recall, geometric_level, laplacian_eigs,
-                    logit_recall, neighbour_targets, parse_with_presets, pick_device, prepare_out, pyplot,
-                    save_figure, seed_everything, tiny_graph, token_embeddings, train, train_node2vec,
-                    write_json)
+                    edge_margin, edge_margin_authors, edge_recall, geometric_level, in_processes,
+                    laplacian_eigs, logit_recall, neighbour_targets, parse_with_presets, pick_device,
+                    prepare_out, pyplot, save_figure, seed_everything, spread, tiny_graph, token_embeddings,
+                    train, train_node2vec, write_json, write_spread_csv)
 
-MODELS = ("tinygpt", "tinynn", "tinyssm", "associative_gpt", "associative_nn", "node2vec")
+MODELS = ("tinygpt", "tinynn", "tinyssm", "associative_gpt", "associative_nn", "associative_ssm", "node2vec")
 STUDIES = ("main", "speed", "regularizers", "forward-only")
 QUICK = dict(steps_scale=0.02)
 SPEED_MODELS = ("associative_nn", "tinynn", "tinygpt")
@@ -57,6 +62,11 @@ def get_args(argv=None):
     p.add_argument("--steps-scale", type=float, default=1.0,
                    help="multiply every model's step count (the paper's counts at 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the path-star ids and of every init")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                   help="run the selected studies once per seed into --out/seed<S>/, then the mean, min and "
+                   "max over seeds of every final measure (summary.md, summary.csv, metrics.json)")
+    p.add_argument("--parallel", type=int, default=1, metavar="K",
+                   help="with --seeds: K seeds at a time, each its own one-thread process")
     p.add_argument("--tinynn-recipe", choices=("paper", "authors"), default="paper",
                    help="TinyNN: App. B.2.2 (width 512, 10,000 steps, constant lr, no bias) or the "
                    "release's notebook (width 32/32/512/16, 500/500/10,000/1,000 steps, cosine to lr/10 but "
@@ -68,6 +78,8 @@ def get_args(argv=None):
     args = parse_with_presets(p, {"quick": QUICK}, argv)
     if not args.steps_scale > 0:
         die("--steps-scale must be > 0")
+    if args.parallel < 1:
+        die("--parallel must be >= 1")
     return args
 
 
@@ -165,7 +177,7 @@ def recipe(model, graph_name, scale, tinynn="paper"):
     epoch. tinynn="authors": TinyNN as the release's notebook trains it (AUTHORS_TINYNN)."""
     seq_steps = {"cycle": 700, "irregular": 2500}.get(graph_name, 500)
     r = {"tinygpt": (32, 1e-2, seq_steps), "associative_gpt": (32, 1e-2, seq_steps),
-         "tinyssm": (32, 1e-2, seq_steps),
+         "tinyssm": (32, 1e-2, seq_steps), "associative_ssm": (32, 1e-2, seq_steps),
          "tinynn": (16, 5e-3, 1000) if graph_name == "irregular" else (512, 1e-2, 10000),
          "associative_nn": (512, 0.1, 10),  # wide, frozen embeddings: a handful of steps (§3.2)
          "node2vec": (100, 1e-2, 10000)}[model] + (1.0,)
@@ -178,8 +190,9 @@ def build(model, vocab, width, init_std=0.02, dropout=0.0, bias=False):
     if model in ("tinygpt", "associative_gpt"):
         return GPT(GPTConfig(vocab.size, block_size=2, n_layer=1, n_head=1, n_embd=width, dropout=dropout,
                              freeze_embeddings=model == "associative_gpt"))
-    if model == "tinyssm":
-        return Mamba(MambaConfig(vocab.size, n_layer=1, n_embd=width))
+    if model in ("tinyssm", "associative_ssm"):
+        return Mamba(MambaConfig(vocab.size, n_layer=1, n_embd=width,
+                                 freeze_embeddings=model == "associative_ssm"))
     return TinyNN(TinyNNConfig(vocab.size, width, init_std, dropout,
                                freeze_embeddings=model == "associative_nn",
                                bias=bias))
@@ -435,12 +448,83 @@ def run_forward_only(graphs, args, device, out):
     return res
 
 
+# ----------------------------------------------------------------------------- seeds
+
+
+def seed_rows(metrics):
+    """One run's final measures as {study: {row: {measure: number or None}}}, the rows that
+    --seeds summarizes (speed: when every edge is first recovered, the geometric level then and at
+    its peak, and for TinyNN models how often the margin is positive)."""
+    keep = lambda r: {k: r[k] for k in ("edge_recovery", "geometric_level", "geometric_margin",
+                                        "geometric_margin_authors") if r.get(k) is not None}
+    bottom = lambda spec: float(np.mean(spec[len(spec) // 2:]))  # ~1: no spectral geometry, ~0: all on top
+    rows = {"main": {f"{g} {m}": {**keep(r), "spectrum_bottom_half": bottom(r["spectrum"])}
+                     for g, by_model in metrics.get("results", {}).items() for m, r in by_model.items()}}
+    rows["speed"] = {}
+    for g, by_model in metrics.get("speed", {}).items():
+        for m, hs in by_model.items():
+            level = [h["geometric_level"] for h in hs]
+            row = {"first_step_all_edges": next((h["epoch"] for h in hs if h["edge_recovery"] == 1.0), None),
+                   "final_edge_recovery": hs[-1]["edge_recovery"], "peak_geometric_level": max(level),
+                   "peak_level_step": hs[int(np.argmax(level))]["epoch"], "final_geometric_level": level[-1]}
+            if "geometric_margin" in hs[-1]:
+                row["evaluations_margin_positive"] = sum(h["geometric_margin"] > 0 for h in hs)
+                margins = [h["geometric_margin"] for h in hs[1:]]
+                row["largest_margin_after_step_0"] = max(margins, default=None)
+                row["final_geometric_margin"] = hs[-1]["geometric_margin"]
+            rows["speed"][f"{g} {m}"] = row
+    rows["regularizers"] = {name: keep(r) for name, r in metrics.get("regularizers", {}).items()}
+    rows["forward-only"] = {g: keep(r) for g, r in metrics.get("forward_only", {}).items()}
+    return {study: r for study, r in rows.items() if r}
+
+
+def summary_md(rows_by_seed, seeds):
+    """One table per study: mean [min, max] over seeds, or each seed's value where one is missing
+    (e.g. a speed run that never recovers every edge)."""
+    def cell(values):
+        if all(isinstance(v, (int, float)) for v in values):  # steps and counts are ints
+            fmt = ("{:.0f}" if all(isinstance(v, int) for v in values)
+                   else "{:+.3f}" if min(values) < 0 else "{:.3f}")
+            return f"{fmt.format(np.mean(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
+        return " / ".join("–" if v is None else f"{v:g}" for v in values)
+    first = rows_by_seed[seeds[0]]
+    lines = [f"Mean [min, max] over seeds {', '.join(map(str, seeds))}; 'a / b / c' lists each seed's value "
+             "where one has none ('–': never)."]
+    for study, rows in first.items():
+        measures = list(dict.fromkeys(k for r in rows.values() for k in r))
+        header = " | ".join(m.replace("_", " ") for m in measures)
+        lines += ["", f"## {study}", "", f"| row | {header} |", "|" + "---|" * (len(measures) + 1)]
+        for name in rows:
+            vals = {m: [rows_by_seed[s][study][name].get(m) for s in seeds] for m in measures}
+            lines.append(f"| {name} | " + " | ".join(
+                "–" if all(v is None for v in vals[m]) else cell(vals[m]) for m in measures) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_seeds(args, device):
+    """--seeds: the selected studies once per seed in --out/seed<S>/ (--parallel K at a time), then
+    the spread of every final measure over the seeds."""
+    runs = {s: argparse.Namespace(**{**vars(args), "seed": s, "seeds": None,
+                                     "out": os.path.join(args.out, f"seed{s}")}) for s in args.seeds}
+    per_seed = in_processes(run, {s: (a, device) for s, a in runs.items()}, args.parallel)
+    seeds = list(args.seeds)
+    rows = {s: seed_rows(per_seed[s]) for s in seeds}
+    table = {f"{study}: {name}": spread({s: rows[s][study][name] for s in seeds})
+             for study, by_row in rows[seeds[0]].items() for name in by_row}
+    write_spread_csv(os.path.join(args.out, "summary.csv"), table, seeds, "row")
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(summary_md(rows, seeds))
+    write_json(os.path.join(args.out, "metrics.json"), {"config": vars(args), "seeds": seeds,
+                                                       "device": device_name(device), "summary": table})
+    print(f"{len(seeds)} seeds -> {args.out}/summary.md")
+    return per_seed
+
+
 # ----------------------------------------------------------------------------- main
 
 
-def main(argv=None):
-    args = get_args(argv)
-    device = pick_device(args.device)
+def run(args, device):
+    """Every selected study of one seed; writes --out and returns its metrics."""
     # tiny models: every op touches a few KB, so thread hand-offs cost more than they save
     # (measured: the --quick run took 22 s on one thread, minutes on two busy cores)
     torch.set_num_threads(1)
@@ -454,8 +538,8 @@ def main(argv=None):
     for g, graph in graphs.items():
         write_json(os.path.join(args.out, "graphs", f"{g}.json"),
                    {"num_nodes": graph.number_of_nodes(), "edges": undirected_edges(graph)})
-    print(f"tiny graphs {', '.join(names)}; studies {', '.join(studies)}; on {device_name(device)}, "
-          f"{torch.get_num_threads()} thread(s)")
+    print(f"tiny graphs {', '.join(names)}; studies {', '.join(studies)}; seed {args.seed}; on "
+          f"{device_name(device)}, {torch.get_num_threads()} thread(s)")
     t0 = time.time()
     metrics = {"config": vars(args), "device": device_name(device), "torch_threads": torch.get_num_threads()}
     metrics["results"] = run_main(graphs, models, args, device, args.out) if "main" in studies else {}
@@ -469,6 +553,13 @@ def main(argv=None):
     write_json(os.path.join(args.out, "metrics.json"), metrics)
     print(f"done in {metrics['wall_time_s']:.0f}s -> {args.out}")
     return metrics
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = pick_device(args.device)
+    prepare_out(args.out)
+    return run_seeds(args, device) if args.seeds else run(args, device)
 
 
 if __name__ == "__main__":

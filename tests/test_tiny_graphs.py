@@ -97,7 +97,7 @@ def test_tinynn_matches_logit_formula():
     assert net(X).shape == (2, vocab.size)
 
 
-@pytest.mark.parametrize("model", ["associative_nn", "associative_gpt"])
+@pytest.mark.parametrize("model", ["associative_nn", "associative_gpt", "associative_ssm"])
 def test_associative_control_keeps_embeddings_fixed(model):
     graph = tiny_graph("cycle")
     args = tg.get_args(["--steps-scale", "0.002"])
@@ -147,7 +147,8 @@ def test_speed_study_tracks_margin_over_training(tmp_path):
 
 
 @pytest.mark.parametrize("argv,msg", [(["--graph", "torus"], "invalid choice"),
-                                      (["--steps-scale", "0"], "--steps-scale must be > 0")])
+                                      (["--steps-scale", "0"], "--steps-scale must be > 0"),
+                                      (["--seeds", "0", "1", "--parallel", "0"], "--parallel must be >= 1")])
 def test_bad_flags_one_line(argv, msg, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         tg.main(argv + ["--out", str(tmp_path)])
@@ -170,3 +171,68 @@ def test_authors_tinynn_recipe():
                for h in history)
     net = tg.build("tinynn", Vocab(4), 8, bias=True)
     assert net.W.bias is not None and not net.W.bias.any()
+
+
+def test_seed_rows_known_answers():
+    """--seeds summarizes each run by these rows; a hand-made run with known answers."""
+    speed = [{"epoch": 0, "edge_recovery": 0.5, "geometric_level": 0.1, "geometric_margin": -1.0},
+             {"epoch": 100, "edge_recovery": 1.0, "geometric_level": 0.3, "geometric_margin": 2.0},
+             {"epoch": 200, "edge_recovery": 1.0, "geometric_level": 0.2, "geometric_margin": -0.5}]
+    metrics = {"results": {"cycle": {"tinynn": {"edge_recovery": 1.0, "geometric_level": 0.5,
+                                                "geometric_margin": -1.0, "geometric_margin_authors": 2.0,
+                                                "spectrum": [1.0, 0.8, 0.1, 0.3]},
+                                     "tinygpt": {"edge_recovery": 0.9, "geometric_level": 0.4,
+                                                 "geometric_margin": None, "spectrum": [1.0, 1.0, 1.0]}}},
+               "speed": {"cycle": {"tinynn": speed,
+                                   "tinygpt": [{k: v for k, v in h.items() if k != "geometric_margin"}
+                                               for h in speed[:1]]}},
+               "forward_only": {"grid": {"edge_recovery": 1.0, "geometric_level": 0.25, "spectrum": [1.0]}}}
+    rows = tg.seed_rows(metrics)
+    assert set(rows) == {"main", "speed", "forward-only"}  # no regularizer study ran
+    assert rows["main"]["cycle tinynn"] == {"edge_recovery": 1.0, "geometric_level": 0.5,
+                                            "geometric_margin": -1.0, "geometric_margin_authors": 2.0,
+                                            "spectrum_bottom_half": 0.2}
+    assert rows["main"]["cycle tinygpt"] == {"edge_recovery": 0.9, "geometric_level": 0.4,
+                                             "spectrum_bottom_half": 1.0}  # the last 2 of 3
+    assert rows["speed"]["cycle tinynn"] == {
+        "first_step_all_edges": 100, "final_edge_recovery": 1.0, "peak_geometric_level": 0.3,
+        "peak_level_step": 100, "final_geometric_level": 0.2, "evaluations_margin_positive": 1,
+        "largest_margin_after_step_0": 2.0, "final_geometric_margin": -0.5}
+    assert rows["speed"]["cycle tinygpt"]["first_step_all_edges"] is None  # never recovered every edge
+    assert "evaluations_margin_positive" not in rows["speed"]["cycle tinygpt"]
+    assert rows["forward-only"] == {"grid": {"edge_recovery": 1.0, "geometric_level": 0.25}}
+
+
+def test_summary_md_known_answers():
+    rows = {s: {"speed": {"grid tinygpt": {"first_step_all_edges": step, "final_geometric_level": level}}}
+            for s, step, level in [(0, 100, -0.1), (1, None, 0.2), (2, 130, 0.5)]}
+    md = tg.summary_md(rows, [0, 1, 2])
+    assert "| row | first step all edges | final geometric level |" in md
+    assert "| grid tinygpt | 100 / – / 130 | +0.200 [-0.100, +0.500] |" in md
+
+
+def untimed(obj):
+    """A run's metrics without what may differ between two runs of it: clocks and the config (--out)."""
+    if isinstance(obj, dict):
+        return {k: untimed(v) for k, v in obj.items() if k not in ("time_s", "wall_time_s", "config")}
+    return [untimed(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def test_seeds_match_single_runs(tmp_path):
+    """--seeds 0 1: each seed's folder is the run --seed S gives, and the summary holds their spread."""
+    flags = ["--quick", "--graph", "cycle", "--study", "speed", "forward-only"]
+    tg.main(flags + ["--seeds", "0", "1", "--out", str(tmp_path / "seeds")])
+    single = tg.main(flags + ["--seed", "1", "--out", str(tmp_path / "single")])
+    with open(tmp_path / "seeds" / "seed1" / "metrics.json") as f:
+        seeded = json.load(f)
+    assert untimed(seeded) == untimed(json.loads(json.dumps(single)))
+    with open(tmp_path / "seeds" / "metrics.json") as f:
+        summary = json.load(f)["summary"]
+    level = summary["forward-only: cycle"]["geometric_level"]
+    assert level["values"]["1"] == single["forward_only"]["cycle"]["geometric_level"]
+    assert level["min"] <= level["mean"] <= level["max"]
+    assert summary["speed: cycle tinynn"]["final_edge_recovery"]["values"]["0"] == 1.0
+    md = (tmp_path / "seeds" / "summary.md").read_text()
+    assert "## speed" in md and "## forward-only" in md and "| cycle tinynn |" in md
+    with open(tmp_path / "seeds" / "summary.csv") as f:
+        assert f.readline().strip() == "row,metric,mean,min,max,seed0,seed1"
