@@ -458,3 +458,21 @@ def test_headline_task_learns(tmp_path):
     assert final["navigation_acc"] >= 0.5
     assert (final["navigation_2hop_acc"], final["navigation_2hop_mean_rank"]) == (  # l = 4: a1 is 2 hops up
         final["navigation_acc"], final["navigation_mean_rank"])
+
+
+def test_readme_extension_example_runs(tmp_path):
+    """The README's "Extend it" example, as printed there, on a small graph for 2 epochs: it trains
+    on the split it chose (half of the arms held out) and writes the usual outputs."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    code = readme.split("## Extend it", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    small = '"--quick", "--first-token-only", "--n", "20", "--epochs", "2"'
+    assert '"--quick", "--first-token-only"' in code and '"runs/half_held_out"' in code
+    code = code.replace('"--quick", "--first-token-only"', small).replace('"runs/half_held_out"',
+                                                                         repr(str(tmp_path)))
+    exec(code, {})
+    with open(tmp_path / "graph.json") as f:
+        graph = json.load(f)
+    with open(tmp_path / "metrics.json") as f:
+        metrics = json.load(f)
+    assert len(graph["test_leaves"]) == 10 and metrics["epochs_done"] == 2
+    assert os.path.exists(tmp_path / "embeddings.npy")
