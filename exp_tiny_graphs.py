@@ -3,7 +3,7 @@ Sequence models trained only to memorize the edges of four tiny graphs store the
 (adjacent nodes get similar embeddings aligned with the top Laplacian eigenvectors), although the
 same networks with frozen embeddings store them associatively, and faster.
 
-  python exp_tiny_graphs.py                                 # every study, CPU, about 14 minutes
+  python exp_tiny_graphs.py                                 # every study, CPU, about 8 minutes
   python exp_tiny_graphs.py --quick                         # smoke configuration, seconds
   python exp_tiny_graphs.py --graph cycle --model tinynn node2vec --study main
   python exp_tiny_graphs.py --seeds 0 1 2 --parallel 2      # every study per seed, then the spread

@@ -11,3 +11,11 @@ def figure_ok(path, min_width=300, min_height=200):
     img = matplotlib.image.imread(str(path))
     colours = np.unique(img.reshape(-1, img.shape[-1]), axis=0)
     return img.shape[1] >= min_width and img.shape[0] >= min_height and len(colours) > 16
+
+
+def untimed(obj, drop=("time_s", "wall_time_s")):
+    """obj (metrics, rows, histories) without the fields named in `drop` at any depth: by default the
+    wall-clock ones, the one thing two runs of the same thing may differ in."""
+    if isinstance(obj, dict):
+        return {k: untimed(v, drop) for k, v in obj.items() if k not in drop}
+    return [untimed(v, drop) for v in obj] if isinstance(obj, list) else obj

@@ -8,7 +8,7 @@ import torch
 import exp_tiny_graphs as tg
 from common import (Vocab, edge_group, edge_margin, edge_margin_authors, geometric_level, laplacian_eigs,
                     logit_recall, tiny_graph, token_embeddings)
-from conftest import figure_ok
+from conftest import figure_ok, untimed
 
 # graph node / edge counts and connectivity are tested in tests/test_node2vec.py
 
@@ -211,13 +211,6 @@ def test_summary_md_known_answers():
     assert "| grid tinygpt | 100 / – / 130 | +0.200 [-0.100, +0.500] |" in md
 
 
-def untimed(obj):
-    """A run's metrics without what may differ between two runs of it: clocks and the config (--out)."""
-    if isinstance(obj, dict):
-        return {k: untimed(v) for k, v in obj.items() if k not in ("time_s", "wall_time_s", "config")}
-    return [untimed(v) for v in obj] if isinstance(obj, list) else obj
-
-
 def test_seeds_match_single_runs(tmp_path):
     """--seeds 0 1: each seed's folder is the run --seed S gives, and the summary holds their spread."""
     flags = ["--quick", "--graph", "cycle", "--study", "speed", "forward-only"]
@@ -225,7 +218,8 @@ def test_seeds_match_single_runs(tmp_path):
     single = tg.main(flags + ["--seed", "1", "--out", str(tmp_path / "single")])
     with open(tmp_path / "seeds" / "seed1" / "metrics.json") as f:
         seeded = json.load(f)
-    assert untimed(seeded) == untimed(json.loads(json.dumps(single)))
+    no_clock_or_out = ("time_s", "wall_time_s", "config")  # config holds --out
+    assert untimed(seeded, no_clock_or_out) == untimed(json.loads(json.dumps(single)), no_clock_or_out)
     with open(tmp_path / "seeds" / "metrics.json") as f:
         summary = json.load(f)["summary"]
     level = summary["forward-only: cycle"]["geometric_level"]
