@@ -9,7 +9,9 @@ same networks with frozen embeddings store them associatively, and faster.
   python exp_tiny_graphs.py --seeds 0 1 2 --parallel 2      # every study per seed, then the spread
 
 Models: tinygpt, tinynn, tinyssm (1-layer GPT, TinyNN, 1-layer Mamba), their associative controls
-(the same with frozen token embeddings: associative_gpt, associative_nn, associative_ssm), node2vec.
+(the same with frozen token embeddings: associative_gpt, associative_nn, associative_ssm), node2vec,
+and graph_spectrum (no model: the top 3 non-constant Laplacian eigenvectors as embeddings, the
+reference panel of Figs. 17-20).
 
 Studies:
   main          every model on every graph: edge recovery, geometric level, spectrum, geometric margin
@@ -34,7 +36,8 @@ from common import (GPT, TINY_GRAPHS, ArgParser, GPTConfig, Mamba, MambaConfig, 
                     prepare_out, pyplot, save_figure, seed_everything, spread, tiny_graph, token_embeddings,
                     train, train_node2vec, write_json, write_spread_csv)
 
-MODELS = ("tinygpt", "tinynn", "tinyssm", "associative_gpt", "associative_nn", "associative_ssm", "node2vec")
+MODELS = ("tinygpt", "tinynn", "tinyssm", "associative_gpt", "associative_nn", "associative_ssm", "node2vec",
+          "graph_spectrum")
 STUDIES = ("main", "speed", "regularizers", "forward-only")
 QUICK = dict(steps_scale=0.02)
 SPEED_MODELS = ("associative_nn", "tinynn", "tinygpt")
@@ -204,11 +207,15 @@ def fit(model_name, graph, graph_name, args, device, edges, eval_every=None, wid
     history: edge recovery, geometric level and (TinyNN models) geometric margin every `eval_every` steps
     (speed study) and always at the end of training."""
     seed_everything(args.seed)
+    und = undirected_edges(graph)
+    if model_name == "graph_spectrum":  # Figs. 17-20's reference panel: the top 3 eigenvectors, no training
+        E = laplacian_eigs(graph)[1][:, 1:4]
+        return E, [{"epoch": 0, "edge_recovery": logit_recall(E @ E.T, edges),
+                    "geometric_level": geometric_level(E, und)}]
     w, l, s, final_frac = recipe(model_name, graph_name, args.steps_scale, args.tinynn_recipe)
     authors = model_name == "tinynn" and args.tinynn_recipe == "authors"  # the release's TinyNN
     width, lr, steps = width or w, lr or l, steps or s
     N = graph.number_of_nodes()
-    und = undirected_edges(graph)
     if model_name == "node2vec":
         net = Node2Vec(Node2VecConfig(N, width)).to(device)
         snaps = range(0, steps + 1, eval_every) if eval_every else ()

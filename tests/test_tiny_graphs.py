@@ -230,3 +230,13 @@ def test_seeds_match_single_runs(tmp_path):
     assert "## speed" in md and "## forward-only" in md and "| cycle tinynn |" in md
     with open(tmp_path / "seeds" / "summary.csv") as f:
         assert f.readline().strip() == "row,metric,mean,min,max,seed0,seed1"
+
+
+def test_graph_spectrum_reference_is_the_top_eigenvectors():
+    """The reference panel of Figs. 17-20: no training, E = v_2, v_3, v_4, so its spectrum is 1 on
+    those three and 0 on every other eigenvector."""
+    graph = tiny_graph("grid")
+    E, history = tg.fit("graph_spectrum", graph, "grid", tg.get_args([]), "cpu", tg.edge_examples(graph))
+    spec = tg.spectrum(E, laplacian_eigs(graph)[1])
+    assert E.shape == (16, 3) and np.allclose(spec[:3], 1) and np.allclose(spec[3:], 0, atol=1e-9)
+    assert np.allclose(E.T @ E, np.eye(3)) and len(history) == 1
