@@ -1434,6 +1434,49 @@ def in_processes(fn, jobs, parallel=1):
         return {name: f.result() for name, f in futures.items()}
 
 
+def summary_markdown(rows_by_seed, seeds):
+    """{seed: {study: {row: {measure: value}}}} -> one markdown table per study: mean [min, max] over
+    the seeds, or each seed's value where one has none (e.g. a measure that never reached a level)."""
+    def cell(values):
+        if all(isinstance(v, (int, float)) for v in values):  # steps and counts are ints
+            fmt = ("{:.0f}" if all(isinstance(v, int) for v in values)
+                   else "{:+.3f}" if min(values) < 0 else "{:.3f}")
+            return f"{fmt.format(np.mean(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
+        return " / ".join("–" if v is None else f"{v:g}" for v in values)
+    lines = [f"Mean [min, max] over seeds {', '.join(map(str, seeds))}; 'a / b / c' lists each seed's value "
+             "where one has none ('–': never)."]
+    for study, rows in rows_by_seed[seeds[0]].items():
+        measures = list(dict.fromkeys(k for r in rows.values() for k in r))
+        header = " | ".join(m.replace("_", " ") for m in measures)
+        lines += ["", f"## {study}", "", f"| row | {header} |", "|" + "---|" * (len(measures) + 1)]
+        for name in rows:
+            vals = {m: [rows_by_seed[s][study][name].get(m) for s in seeds] for m in measures}
+            lines.append(f"| {name} | " + " | ".join(
+                "–" if all(v is None for v in vals[m]) else cell(vals[m]) for m in measures) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def over_seeds(run, rows, args, device):
+    """--seeds of a script whose `run(args, device)` returns its metrics and writes --out: one run
+    per seed in --out/seed<S>/ (--parallel K at a time, in_processes), then `rows(metrics)` ->
+    {study: {row: {measure: value}}} of each, and their spread over the seeds in summary.md,
+    summary.csv and metrics.json. Returns {seed: metrics}."""
+    runs = {s: argparse.Namespace(**{**vars(args), "seed": s, "seeds": None,
+                                     "out": os.path.join(args.out, f"seed{s}")}) for s in args.seeds}
+    per_seed = in_processes(run, {s: (a, device) for s, a in runs.items()}, args.parallel)
+    seeds = list(args.seeds)
+    by_seed = {s: rows(per_seed[s]) for s in seeds}
+    table = {f"{study}: {name}": spread({s: by_seed[s][study][name] for s in seeds})
+             for study, by_row in by_seed[seeds[0]].items() for name in by_row}
+    write_spread_csv(os.path.join(args.out, "summary.csv"), table, seeds, "row")
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(summary_markdown(by_seed, seeds))
+    write_json(os.path.join(args.out, "metrics.json"), {"config": vars(args), "seeds": seeds,
+                                                       "device": device_name(device), "summary": table})
+    print(f"{len(seeds)} seeds -> {os.path.join(args.out, 'summary.md')}")
+    return per_seed
+
+
 def curve_band(histories, key):
     """Mean, min and max of history[key] over seeds, at the epochs every seed evaluated."""
     epochs = sorted(set.intersection(*({h["epoch"] for h in hist} for hist in histories)))

@@ -23,9 +23,9 @@ import torch
 
 from common import (TINY_GRAPHS, ArgParser, Node2Vec, Node2VecConfig, adjacency, coefficient_matrix,
                     device_name, die, edge_margin, grid_graph, k_for_energy, laplacian_eigs, logit_recall,
-                    navigation_score, neighbour_targets, parse_with_presets, path_star, pick_device,
-                    prepare_out, preset_help, principal_angles, pyplot, save_figure, seed_everything,
-                    spectral_energy, tiny_graph, train_node2vec, with_self_edges, write_json)
+                    navigation_score, neighbour_targets, over_seeds, parse_with_presets, path_star,
+                    pick_device, prepare_out, preset_help, principal_angles, pyplot, save_figure,
+                    seed_everything, spectral_energy, tiny_graph, train_node2vec, with_self_edges, write_json)
 
 LARGE_GRAPHS = ("path_star_large", "grid_large")
 GRAPHS = TINY_GRAPHS + LARGE_GRAPHS
@@ -60,6 +60,11 @@ def get_args(argv=None):
                    help="path_star_large = G(D, L): D arms, L nodes per root-to-leaf path")
     p.add_argument("--large-grid", type=int, default=22, metavar="SIDE", help="grid_large = SIDE x SIDE")
     p.add_argument("--seed", type=int, default=0, help="seed of the path-star ids and of every init")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                   help="run the selected studies once per seed into --out/seed<S>/, then the mean, min and "
+                   "max over seeds of the final measures (summary.md, summary.csv, metrics.json)")
+    p.add_argument("--parallel", type=int, default=1, metavar="K",
+                   help="with --seeds: K seeds at a time, each its own process")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:i]")
     p.add_argument("--out", default="runs/node2vec", help="output folder")
     p.add_argument("--quick", action="store_true", help=preset_help("smoke preset", QUICK))
@@ -69,7 +74,8 @@ def get_args(argv=None):
               (args.lr > 0 and args.init_std > 0, "--lr and --init-std must be > 0"),
               (args.snapshots >= 2, "--snapshots must be >= 2"),
               (args.large_star[0] >= 2 and args.large_star[1] >= 2, "--large-star needs D >= 2 and L >= 2"),
-              (args.large_grid >= 2, "--large-grid must be >= 2")]
+              (args.large_grid >= 2, "--large-grid must be >= 2"),
+              (args.parallel >= 1, "--parallel must be >= 1")]
     for ok, msg in checks:
         if not ok:
             die(msg)
@@ -616,9 +622,25 @@ def plan(args):
     return studies, graphs, graphs
 
 
-def main(argv=None):
-    args = get_args(argv)
-    device = pick_device(args.device)
+def seed_rows(results):
+    """One run's final measures for --seeds: {study: {row: {measure: value}}}."""
+    main_keys = ("k", "energy_top_k", "max_angle_deg", "mean_angle_deg", "Cv_top_max", "CU_top_max",
+                 "offblock_C", "loss", "grad_norm", "E_change_second_half", "edge_recall", "cos_1hop",
+                 "navigation_top1")
+    rows = {"main": {g: {k: r["main"][k] for k in main_keys if k in r["main"]} for g, r in results.items()}}
+    width_keys = ("energy_top_k", "k95", "max_angle_deg", "loss")
+    rows["width"] = {f"{g} width {w['width']}": {k: w[k] for k in width_keys}
+                     for g, r in results.items() for w in r.get("width", [])}
+    rows["untied"] = {f"{g} {v}": {"loss": u["loss"], "negative_logit_share": u["negative_logit_share"],
+                                   "bottom3_logit": u["bottom3_logit"],
+                                   "zigzags_in_top3": sum(x < 0 for x in u["top3_smoothness"]),
+                                   "cos_1hop": u["cos_1hop"]}
+                      for g, r in results.items() for v, u in r.get("untied", {}).items()}
+    return {study: r for study, r in rows.items() if r}
+
+
+def run(args, device):
+    """Every selected study of one seed; writes --out and returns the results."""
     prepare_out(args.out)
     for sub in ("embeddings", "graphs"):
         os.makedirs(os.path.join(args.out, sub), exist_ok=True)
@@ -677,6 +699,13 @@ def main(argv=None):
         "results": results, "complexity": complexity, "study_time_s": times, "wall_time_s": wall})
     print(f"done in {wall:.0f}s -> {args.out}")
     return results
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = pick_device(args.device)
+    prepare_out(args.out)
+    return over_seeds(run, seed_rows, args, device) if args.seeds else run(args, device)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Studies:
   regularizers  TinyNN on the cycle under self-edges, init scale, lr, weight decay, dropout (App. C.3.1)
   forward-only  TinyGPT trained on one direction of each edge (Fig. 32)
 """
-import argparse
 import os
 import time
 from dataclasses import dataclass
@@ -31,10 +30,10 @@ import torch.nn as nn
 
 from common import (GPT, TINY_GRAPHS, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig,
                     Phase, TiedLM, Vocab, adjacency, arm_edges, cosine_matrix, device_name, die, edge_group,
-                    edge_margin, edge_margin_authors, edge_recall, geometric_level, in_processes,
-                    laplacian_eigs, logit_recall, neighbour_targets, parse_with_presets, pick_device,
-                    prepare_out, pyplot, save_figure, seed_everything, spread, tiny_graph, token_embeddings,
-                    train, train_node2vec, write_json, write_spread_csv)
+                    edge_margin, edge_margin_authors, edge_recall, geometric_level, laplacian_eigs,
+                    logit_recall, neighbour_targets, over_seeds, parse_with_presets, pick_device, prepare_out,
+                    pyplot, save_figure, seed_everything, tiny_graph, token_embeddings, train, train_node2vec,
+                    write_json)
 
 MODELS = ("tinygpt", "tinynn", "tinyssm", "associative_gpt", "associative_nn", "associative_ssm", "node2vec",
           "graph_spectrum")
@@ -485,48 +484,6 @@ def seed_rows(metrics):
     return {study: r for study, r in rows.items() if r}
 
 
-def summary_md(rows_by_seed, seeds):
-    """One table per study: mean [min, max] over seeds, or each seed's value where one is missing
-    (e.g. a speed run that never recovers every edge)."""
-    def cell(values):
-        if all(isinstance(v, (int, float)) for v in values):  # steps and counts are ints
-            fmt = ("{:.0f}" if all(isinstance(v, int) for v in values)
-                   else "{:+.3f}" if min(values) < 0 else "{:.3f}")
-            return f"{fmt.format(np.mean(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
-        return " / ".join("–" if v is None else f"{v:g}" for v in values)
-    first = rows_by_seed[seeds[0]]
-    lines = [f"Mean [min, max] over seeds {', '.join(map(str, seeds))}; 'a / b / c' lists each seed's value "
-             "where one has none ('–': never)."]
-    for study, rows in first.items():
-        measures = list(dict.fromkeys(k for r in rows.values() for k in r))
-        header = " | ".join(m.replace("_", " ") for m in measures)
-        lines += ["", f"## {study}", "", f"| row | {header} |", "|" + "---|" * (len(measures) + 1)]
-        for name in rows:
-            vals = {m: [rows_by_seed[s][study][name].get(m) for s in seeds] for m in measures}
-            lines.append(f"| {name} | " + " | ".join(
-                "–" if all(v is None for v in vals[m]) else cell(vals[m]) for m in measures) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def run_seeds(args, device):
-    """--seeds: the selected studies once per seed in --out/seed<S>/ (--parallel K at a time), then
-    the spread of every final measure over the seeds."""
-    runs = {s: argparse.Namespace(**{**vars(args), "seed": s, "seeds": None,
-                                     "out": os.path.join(args.out, f"seed{s}")}) for s in args.seeds}
-    per_seed = in_processes(run, {s: (a, device) for s, a in runs.items()}, args.parallel)
-    seeds = list(args.seeds)
-    rows = {s: seed_rows(per_seed[s]) for s in seeds}
-    table = {f"{study}: {name}": spread({s: rows[s][study][name] for s in seeds})
-             for study, by_row in rows[seeds[0]].items() for name in by_row}
-    write_spread_csv(os.path.join(args.out, "summary.csv"), table, seeds, "row")
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(summary_md(rows, seeds))
-    write_json(os.path.join(args.out, "metrics.json"), {"config": vars(args), "seeds": seeds,
-                                                       "device": device_name(device), "summary": table})
-    print(f"{len(seeds)} seeds -> {args.out}/summary.md")
-    return per_seed
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -566,7 +523,7 @@ def main(argv=None):
     args = get_args(argv)
     device = pick_device(args.device)
     prepare_out(args.out)
-    return run_seeds(args, device) if args.seeds else run(args, device)
+    return over_seeds(run, seed_rows, args, device) if args.seeds else run(args, device)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from common import (GPT, CausalSelfAttention, GPTConfig, GroupSampler, Packing, Phase, Stepper, Vocab,
                     adjacency, arm_edges, cosine_matrix, decode_answer, edge_group, edge_recall, forever,
                     greedy_decode, grid_graph, hop_cosine, loss_tail, lr_at, make_optimizer, navigation_score,
-                    path_group, path_prompts, path_star, path_targets, set_lr, split_arms, tiny_graph,
-                    top_k_hits, train)
+                    path_group, path_prompts, path_star, path_targets, set_lr, split_arms, summary_markdown,
+                    tiny_graph, top_k_hits, train)
 
 
 @pytest.mark.parametrize("d,l", [(1, 2), (3, 5), (50, 4), (7, 10)])
@@ -532,3 +532,12 @@ def test_plot_panels_wraps_rows_of_three(tmp_path):
         plot_panels(path, [(f"panel {i}", "accuracy", [line], 0.1) for i in range(n)], "title")
         h, w = matplotlib.image.imread(str(path)).shape[:2]
         assert figure_ok(path) and round(h / 400) == rows and w <= (5.2 * 3 + 1.2) * 100 + 1
+
+
+def test_summary_markdown_known_answers():
+    """--seeds tables: mean [min, max], or each seed's value where one is missing."""
+    rows = {s: {"speed": {"grid tinygpt": {"first_step_all_edges": step, "final_geometric_level": level}}}
+            for s, step, level in [(0, 100, -0.1), (1, None, 0.2), (2, 130, 0.5)]}
+    md = summary_markdown(rows, [0, 1, 2])
+    assert "| row | first step all edges | final geometric level |" in md
+    assert "| grid tinygpt | 100 / – / 130 | +0.200 [-0.100, +0.500] |" in md

@@ -203,14 +203,6 @@ def test_seed_rows_known_answers():
     assert rows["forward-only"] == {"grid": {"edge_recovery": 1.0, "geometric_level": 0.25}}
 
 
-def test_summary_md_known_answers():
-    rows = {s: {"speed": {"grid tinygpt": {"first_step_all_edges": step, "final_geometric_level": level}}}
-            for s, step, level in [(0, 100, -0.1), (1, None, 0.2), (2, 130, 0.5)]}
-    md = tg.summary_md(rows, [0, 1, 2])
-    assert "| row | first step all edges | final geometric level |" in md
-    assert "| grid tinygpt | 100 / – / 130 | +0.200 [-0.100, +0.500] |" in md
-
-
 def test_seeds_match_single_runs(tmp_path):
     """--seeds 0 1: each seed's folder is the run --seed S gives, and the summary holds their spread."""
     flags = ["--quick", "--graph", "cycle", "--study", "speed", "forward-only"]
