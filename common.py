@@ -1421,16 +1421,25 @@ def write_spread_csv(path, table, seeds, label="run"):
                 w.writerow([name, k, m["mean"], m["min"], m["max"]] + [m["values"][str(s)] for s in seeds])
 
 
-def in_processes(fn, jobs, parallel=1):
+def with_threads(threads, fn, *args):
+    """fn(*args) with torch on `threads` threads (None: as it is): one process's share of the CPU."""
+    if threads:
+        torch.set_num_threads(threads)
+    return fn(*args)
+
+
+def in_processes(fn, jobs, parallel, device):
     """{name: args} -> {name: fn(*args)}: one call after another, or `parallel` at a time, each in
-    its own (spawned) process: the seeds or sweep arms of a script, on the CPU's cores or one GPU.
-    `fn` must be a module-level function (it is pickled by name)."""
+    its own (spawned) process: the seeds or sweep arms of a script, sharing the CPU's cores (each
+    process gets its share of the threads) or one GPU. `fn` must be a module-level function (it is
+    pickled by name)."""
     if parallel <= 1 or len(jobs) <= 1:
         return {name: fn(*a) for name, a in jobs.items()}
     import concurrent.futures
     import multiprocessing
+    threads = None if str(device).startswith("cuda") else max(1, torch.get_num_threads() // parallel)
     with concurrent.futures.ProcessPoolExecutor(parallel, multiprocessing.get_context("spawn")) as pool:
-        futures = {name: pool.submit(fn, *a) for name, a in jobs.items()}
+        futures = {name: pool.submit(with_threads, threads, fn, *a) for name, a in jobs.items()}
         return {name: f.result() for name, f in futures.items()}
 
 
@@ -1463,7 +1472,7 @@ def over_seeds(run, rows, args, device):
     summary.csv and metrics.json. Returns {seed: metrics}."""
     runs = {s: argparse.Namespace(**{**vars(args), "seed": s, "seeds": None,
                                      "out": os.path.join(args.out, f"seed{s}")}) for s in args.seeds}
-    per_seed = in_processes(run, {s: (a, device) for s, a in runs.items()}, args.parallel)
+    per_seed = in_processes(run, {s: (a, device) for s, a in runs.items()}, args.parallel, device)
     seeds = list(args.seeds)
     by_seed = {s: rows(per_seed[s]) for s in seeds}
     table = {f"{study}: {name}": spread({s: by_seed[s][study][name] for s in seeds})

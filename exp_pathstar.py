@@ -499,12 +499,9 @@ def epochs_to(history, level, key="test_first_token_acc"):
     return next((h["epoch"] for h in history if h[key] >= level), None)
 
 
-def run_task(args, device, task=None, threads=None):
+def run_task(args, device, task=None):
     """One run of the path-star task, or of another script's task = (build(args) -> data,
-    measure(data, args) -> make_evaluate's measure), e.g. exp_treestar's; `threads`: a share of
-    the machine's (a sweep arm in its own process, --parallel)."""
-    if threads:
-        torch.set_num_threads(threads)
+    measure(data, args) -> make_evaluate's measure), e.g. exp_treestar's."""
     if task is None:
         return run(args, device)
     data = task[0](args)
@@ -515,9 +512,7 @@ def run_many(runs, device, task=None, parallel=1):
     """{name: args} -> {name: what run_task returned}: one run after another, or `parallel` at a
     time as separate processes (one GPU or the CPU's cores shared; on the CPU each gets its share
     of the threads). `task`: see run_task."""
-    alone = parallel <= 1 or len(runs) <= 1 or device.startswith("cuda")
-    threads = None if alone else max(1, torch.get_num_threads() // parallel)
-    return in_processes(run_task, {name: (a, device, task, threads) for name, a in runs.items()}, parallel)
+    return in_processes(run_task, {name: (a, device, task) for name, a in runs.items()}, parallel, device)
 
 
 def resume_plan(a, resume, label):
