@@ -6,6 +6,7 @@
   python exp_node2vec.py --quick                           # smoke configuration, seconds
   python exp_node2vec.py --graph cycle grid --study main   # one study on two graphs
   python exp_node2vec.py --graph all --study main --optimizer gd --lr 1 --out runs/node2vec_gd
+  python exp_node2vec.py --seeds 0 1 2 --parallel 2         # every study per seed, then the spread
 
 Studies (main always runs: the others compare against it):
   main        the tied width-100 model on each graph: spectrum (Fig. 7), embedding pictures next to the
