@@ -1299,6 +1299,16 @@ def add_step_flags(group):
                        help="capture the whole training step in a CUDA graph (default: on with CUDA)")
 
 
+def add_seed_flags(group):
+    """--seeds and --parallel of a script that runs through `over_seeds`."""
+    group.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                       help="run the selected studies once per seed into --out/seed<S>/, then the mean, min "
+                       "and max over seeds of the final measures (summary.md, summary.csv, metrics.json)")
+    group.add_argument("--parallel", type=int, default=1, metavar="K",
+                       help="with --seeds: K seeds at a time, each its own process with its share of the "
+                       "CPU's threads")
+
+
 def step_modes(args, device):
     """(compile, cuda_graph) of `add_step_flags` on this device: unset, each is on with CUDA."""
     cuda = str(device).startswith("cuda")
@@ -1465,14 +1475,19 @@ def summary_markdown(rows_by_seed, seeds):
     return "\n".join(lines) + "\n"
 
 
+def one_seed(args, seed):
+    """The flags of one run of --seeds: this seed, its own folder --out/seed<S>/."""
+    return argparse.Namespace(**{**vars(args), "seed": seed, "seeds": None,
+                                 "out": os.path.join(args.out, f"seed{seed}")})
+
+
 def over_seeds(run, rows, args, device):
     """--seeds of a script whose `run(args, device)` returns its metrics and writes --out: one run
     per seed in --out/seed<S>/ (--parallel K at a time, in_processes), then `rows(metrics)` ->
     {study: {row: {measure: value}}} of each, and their spread over the seeds in summary.md,
     summary.csv and metrics.json. Returns {seed: metrics}."""
-    runs = {s: argparse.Namespace(**{**vars(args), "seed": s, "seeds": None,
-                                     "out": os.path.join(args.out, f"seed{s}")}) for s in args.seeds}
-    per_seed = in_processes(run, {s: (a, device) for s, a in runs.items()}, args.parallel, device)
+    prepare_out(args.out)
+    per_seed = in_processes(run, {s: (one_seed(args, s), device) for s in args.seeds}, args.parallel, device)
     seeds = list(args.seeds)
     by_seed = {s: rows(per_seed[s]) for s in seeds}
     table = {f"{study}: {name}": spread({s: by_seed[s][study][name] for s in seeds})

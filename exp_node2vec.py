@@ -22,11 +22,12 @@ import time
 import numpy as np
 import torch
 
-from common import (TINY_GRAPHS, ArgParser, Node2Vec, Node2VecConfig, adjacency, coefficient_matrix,
-                    device_name, die, edge_margin, grid_graph, k_for_energy, laplacian_eigs, logit_recall,
-                    navigation_score, neighbour_targets, over_seeds, parse_with_presets, path_star,
-                    pick_device, prepare_out, preset_help, principal_angles, pyplot, save_figure,
-                    seed_everything, spectral_energy, tiny_graph, train_node2vec, with_self_edges, write_json)
+from common import (TINY_GRAPHS, ArgParser, Node2Vec, Node2VecConfig, add_seed_flags, adjacency,
+                    coefficient_matrix, device_name, die, edge_margin, grid_graph, k_for_energy,
+                    laplacian_eigs, logit_recall, navigation_score, neighbour_targets, over_seeds,
+                    parse_with_presets, path_star, pick_device, prepare_out, preset_help, principal_angles,
+                    pyplot, save_figure, seed_everything, spectral_energy, tiny_graph, train_node2vec,
+                    with_self_edges, write_json)
 
 LARGE_GRAPHS = ("path_star_large", "grid_large")
 GRAPHS = TINY_GRAPHS + LARGE_GRAPHS
@@ -61,11 +62,7 @@ def get_args(argv=None):
                    help="path_star_large = G(D, L): D arms, L nodes per root-to-leaf path")
     p.add_argument("--large-grid", type=int, default=22, metavar="SIDE", help="grid_large = SIDE x SIDE")
     p.add_argument("--seed", type=int, default=0, help="seed of the path-star ids and of every init")
-    p.add_argument("--seeds", type=int, nargs="+", metavar="S",
-                   help="run the selected studies once per seed into --out/seed<S>/, then the mean, min and "
-                   "max over seeds of the final measures (summary.md, summary.csv, metrics.json)")
-    p.add_argument("--parallel", type=int, default=1, metavar="K",
-                   help="with --seeds: K seeds at a time, each its own process")
+    add_seed_flags(p)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:i]")
     p.add_argument("--out", default="runs/node2vec", help="output folder")
     p.add_argument("--quick", action="store_true", help=preset_help("smoke preset", QUICK))
@@ -705,7 +702,6 @@ def run(args, device):
 def main(argv=None):
     args = get_args(argv)
     device = pick_device(args.device)
-    prepare_out(args.out)
     return over_seeds(run, seed_rows, args, device) if args.seeds else run(args, device)
 
 

@@ -20,10 +20,10 @@ from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Nod
                     add_adamw_flags, add_step_flags, arm_edges, autocast, benchmark, config_diff, curve_band,
                     decode_answer, device_name, die, edge_group, edge_recall, geometric_level, hop_cosine,
                     in_processes, k_for_energy, laplacian_eigs, navigation_score, neighbour_targets,
-                    node2vec_loss, parse_with_presets, path_group, path_prompts, path_star, path_targets,
-                    peak_memory_gib, pick_device, plot_cosine_heatmap, plot_curves, plot_panels, prepare_out,
-                    preset_help, seed_everything, spectral_energy, spectral_share, split_arms, spread,
-                    step_modes, token_embeddings, train, train_node2vec, write_json, write_spread_csv)
+                    node2vec_loss, one_seed, parse_with_presets, path_group, path_prompts, path_star,
+                    path_targets, peak_memory_gib, pick_device, plot_cosine_heatmap, plot_curves, plot_panels,
+                    prepare_out, preset_help, seed_everything, spectral_energy, spectral_share, split_arms,
+                    spread, step_modes, token_embeddings, train, train_node2vec, write_json, write_spread_csv)
 
 # CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (docs/notes.md).
 # It keeps nanoGPT's AdamW (betas 0.95, clipping at 1, no decay on biases and norms): over seeds 0-2
@@ -594,8 +594,7 @@ def run_seeds(args, device, task=None):
     returned}. `task`: see run_task."""
     per_seed, todo = {}, {}
     for s in args.seeds:
-        a = argparse.Namespace(**{**vars(args), "seed": s, "seeds": None,
-                                  "out": os.path.join(args.out, f"seed{s}")})
+        a = one_seed(args, s)
         prepare_out(a.out)
         print(f"[seeds] seed {s} -> {a.out}")
         if args.sweep:  # a sweep per seed, its arms --parallel K at a time

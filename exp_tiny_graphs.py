@@ -29,11 +29,11 @@ import torch
 import torch.nn as nn
 
 from common import (GPT, TINY_GRAPHS, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig,
-                    Phase, TiedLM, Vocab, adjacency, arm_edges, cosine_matrix, device_name, die, edge_group,
-                    edge_margin, edge_margin_authors, edge_recall, geometric_level, laplacian_eigs,
-                    logit_recall, neighbour_targets, over_seeds, parse_with_presets, pick_device, prepare_out,
-                    pyplot, save_figure, seed_everything, tiny_graph, token_embeddings, train, train_node2vec,
-                    write_json)
+                    Phase, TiedLM, Vocab, add_seed_flags, adjacency, arm_edges, cosine_matrix, device_name,
+                    die, edge_group, edge_margin, edge_margin_authors, edge_recall, geometric_level,
+                    laplacian_eigs, logit_recall, neighbour_targets, over_seeds, parse_with_presets,
+                    pick_device, prepare_out, pyplot, save_figure, seed_everything, tiny_graph,
+                    token_embeddings, train, train_node2vec, write_json)
 
 MODELS = ("tinygpt", "tinynn", "tinyssm", "associative_gpt", "associative_nn", "associative_ssm", "node2vec",
           "graph_spectrum")
@@ -64,11 +64,7 @@ def get_args(argv=None):
     p.add_argument("--steps-scale", type=float, default=1.0,
                    help="multiply every model's step count (the paper's counts at 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the path-star ids and of every init")
-    p.add_argument("--seeds", type=int, nargs="+", metavar="S",
-                   help="run the selected studies once per seed into --out/seed<S>/, then the mean, min and "
-                   "max over seeds of every final measure (summary.md, summary.csv, metrics.json)")
-    p.add_argument("--parallel", type=int, default=1, metavar="K",
-                   help="with --seeds: K seeds at a time, each its own one-thread process")
+    add_seed_flags(p)
     p.add_argument("--tinynn-recipe", choices=("paper", "authors"), default="paper",
                    help="TinyNN: App. B.2.2 (width 512, 10,000 steps, constant lr, no bias) or the "
                    "release's notebook (width 32/32/512/16, 500/500/10,000/1,000 steps, cosine to lr/10 but "
@@ -522,7 +518,6 @@ def run(args, device):
 def main(argv=None):
     args = get_args(argv)
     device = pick_device(args.device)
-    prepare_out(args.out)
     return over_seeds(run, seed_rows, args, device) if args.seeds else run(args, device)
 
 
