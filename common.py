@@ -1007,7 +1007,7 @@ def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, 
         ckpt = load_checkpoint(ckpt_path, config, device)
         model.load_state_dict(ckpt["model"])
         history, resume_epoch, opt_state = ckpt["history"], ckpt["epoch"], ckpt["optimizer"]
-        gen.set_state(ckpt["generator"])
+        gen.set_state(ckpt["generator"].cpu())
         set_rng_state(ckpt["rng"])
     t0 = time.time() - (history[-1]["time_s"] if history else 0.0)  # training time survives resume
     started = last_save = time.time()
@@ -1361,9 +1361,9 @@ def get_rng_state():
 
 
 def set_rng_state(state):
-    torch.set_rng_state(state["cpu"])
+    torch.set_rng_state(state["cpu"].cpu())  # map_location moved the saved states to the device
     if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def save_checkpoint(path, model, opt, epoch, history, gen, config):
