@@ -1568,11 +1568,12 @@ def bench_modes(device, pack=False):
     return [m + (False,) for m in modes] + [(name + "+packed", c, g, True) for name, c, g in packed if pack]
 
 
-def profile_step(fn, device, top=12):
-    """One call of fn under torch's profiler -> (launches, busy_ms, ops). CUDA: kernel and graph
-    launches, the summed GPU time of the kernels (those replayed from a graph included; against
-    the wall time of a step it says how idle the GPU is), and the kernels that took the most GPU
-    time; the CPU: launches None, the summed self time of the aten ops, and the top ops by it.
+def profile_step(fn, device):
+    """One call of fn under torch's profiler -> (launches, kernels, busy_ms, ops). CUDA: kernel and
+    graph launches by the host, the kernels the GPU ran (those replayed from a graph included: on
+    a GPU the step is bound by their number), their summed GPU time (against the wall time of a
+    step it says how idle the GPU is), and every kernel with its GPU time; the CPU: launches and
+    kernels None, the summed self time of the aten ops, and every op by it.
     ops: [[name, ms, calls]], the most time first."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -1585,8 +1586,9 @@ def profile_step(fn, device, top=12):
                      else (DeviceType.CPU, lambda e: e.self_cpu_time_total))
     ops = sorted((e for e in prof.key_averages() if e.device_type == kind), key=time_of, reverse=True)
     busy_ms = sum(time_of(e) for e in ops) / 1e3
-    top_ops = [[e.key[:120], time_of(e) / 1e3, e.count] for e in ops[:top]]
-    return (launches if cuda else None), busy_ms, top_ops
+    kernels = sum(e.count for e in ops) if cuda else None
+    ops = [[e.key[:120], time_of(e) / 1e3, e.count] for e in ops]
+    return (launches if cuda else None), kernels, busy_ms, ops
 
 
 def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes=None, seed=0,
@@ -1596,8 +1598,8 @@ def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes
     matmul peak measured in the same run (before and after the steps, the better of the two). Per
     mode: ms per step and per epoch, sequences/s, MFU, peak GPU memory, the minutes `epochs`
     epochs of training would take (evaluation not counted), a profile of one more step
-    (`profile_step`: launches, busy time, top kernels or ops), and in eager modes the aten ops a
-    step dispatches (`OpCounter`).
+    (`profile_step`: launches, kernels, busy time, every kernel or op), and in eager modes the aten
+    ops a step dispatches (`OpCounter`).
     CUDA: 5 warm-up steps (a graph is captured at the 4th), 20 timed; CPU: 2 and 5. `pack`: time
     packed modes too (`Packing`). A mode's MFU counts the FLOPs it runs: a packed step with shared
     heads runs fewer tokens for the same losses, so compare modes by ms per step.
@@ -1634,7 +1636,7 @@ def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes
             step(r)
         sync(device)
         dt = (time.perf_counter() - t) / steps
-        launches, busy_ms, top_ops = profile_step(lambda: step(rows[-1]), device)
+        launches, kernels, busy_ms, ops = profile_step(lambda: step(rows[-1]), device)
         counter = OpCounter()
         if not (compile or cuda_graph):  # compiled code and graph replays bypass the dispatcher
             with counter:
@@ -1644,7 +1646,8 @@ def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes
             "seqs_per_s": seqs / dt,
             "tokens_per_step": run_tokens, "flops_per_step": run_flops,
             "model_flops_per_s": run_flops / dt, "mfu": run_flops / dt / peak, "warmup_s": setup,
-            "launches_per_step": launches, "busy_ms_per_step": busy_ms, "top_ops": top_ops,
+            "launches_per_step": launches, "kernels_per_step": kernels, "busy_ms_per_step": busy_ms,
+            "top_ops": ops[:12], "ops": ops,
             "aten_ops_per_step": None if compile or cuda_graph else counter.ops,
             "cuda_graph": step.graph is not None, "packed": packed,
             "peak_memory_gib": peak_memory_gib(device),

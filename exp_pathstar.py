@@ -456,7 +456,8 @@ def run(args, device, data=None, measure=None):
         print(f"{res['device']}, {res['steps_per_epoch']} steps per epoch, peak "
               f"{res['peak_flops_per_s'] / 1e12:.2f} TFLOP/s ({torch.get_num_threads()} threads)")
         for name, m in res["modes"].items():
-            counts = "" if m["launches_per_step"] is None else f", {m['launches_per_step']} launches/step"
+            counts = "" if m["launches_per_step"] is None else (
+                f", {m['launches_per_step']} launches / {m['kernels_per_step']} kernels per step")
             counts += "" if m["aten_ops_per_step"] is None else f", {m['aten_ops_per_step']} aten ops/step"
             print(f"  {name:>21}: {m['ms_per_step']:8.2f} ms/step ({m['busy_ms_per_step']:.2f} busy), "
                   f"{m['ms_per_epoch']:9.1f} ms/epoch, {m['seqs_per_s']:8.0f} seqs/s, MFU {m['mfu']:6.1%}"
