@@ -1004,10 +1004,10 @@ def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, 
     gen = torch.Generator().manual_seed(seed)
     history, resume_epoch, opt_state = [], 0, None
     if resume:
-        ckpt = load_checkpoint(ckpt_path, config, device)
+        ckpt = load_checkpoint(ckpt_path, config)
         model.load_state_dict(ckpt["model"])
         history, resume_epoch, opt_state = ckpt["history"], ckpt["epoch"], ckpt["optimizer"]
-        gen.set_state(ckpt["generator"].cpu())
+        gen.set_state(ckpt["generator"])
         set_rng_state(ckpt["rng"])
     t0 = time.time() - (history[-1]["time_s"] if history else 0.0)  # training time survives resume
     started = last_save = time.time()
@@ -1361,9 +1361,9 @@ def get_rng_state():
 
 
 def set_rng_state(state):
-    torch.set_rng_state(state["cpu"].cpu())  # map_location moved the saved states to the device
+    torch.set_rng_state(state["cpu"])
     if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(path, model, opt, epoch, history, gen, config):
@@ -1386,11 +1386,14 @@ def config_diff(saved, config):
     return [k for k in keys if k not in RESUME_FREE and saved.get(k) != config.get(k)]
 
 
-def load_checkpoint(path, config, device):
+def load_checkpoint(path, config):
+    """The checkpoint at `path`, every tensor on the CPU: RNG states must stay there (torch takes
+    them only as CPU byte tensors), and load_state_dict moves weights and AdamW moments to the
+    model's device."""
     if not path or not os.path.exists(path):
         die(f"--resume: no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file
         die(f"--resume: cannot read checkpoint {path}: {e}")
     saved = ckpt.get("config") or {}
