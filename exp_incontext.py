@@ -6,6 +6,7 @@ teacherless training and reversed targets succeed: the contrast to the in-weight
   python exp_incontext.py --quick                  # CPU demo, standard and reverse, under 15 minutes
   python exp_incontext.py                          # the reference setting, one GPU
   python exp_incontext.py --inweights-metrics runs/quick/metrics.json   # + in-weights comparison
+  python exp_incontext.py --quick --seeds 0 1 2 --parallel 2            # per seed, then the spread
 
 Sequence layout (node values 0..V-1 are tokens, specials follow):
   [EDGE] u v  ...(d(l-1) edges, parent->child, shuffled)...  [PATH] start goal | answer (l tokens)
@@ -20,10 +21,10 @@ import time
 import numpy as np
 import torch
 
-from common import (GPT, ArgParser, GPTConfig, Phase, Vocab, add_adamw_flags, add_step_flags, autocast,
-                    config_diff, decode_answer, device_name, die, loss_tail, parse_with_presets, pick_device,
-                    plot_panels, prepare_out, preset_help, seed_everything, step_modes, token_embeddings,
-                    train, write_json)
+from common import (GPT, ArgParser, GPTConfig, Phase, Vocab, add_adamw_flags, add_seed_flags, add_step_flags,
+                    autocast, config_diff, decode_answer, device_name, die, loss_tail, over_seeds,
+                    parse_with_presets, pick_device, plot_panels, prepare_out, preset_help, seed_everything,
+                    step_modes, token_embeddings, train, write_json)
 
 MODES = ("standard", "teacherless", "reverse")
 
@@ -82,6 +83,7 @@ def get_args(argv=None):
     r.add_argument("--resume", action="store_true",
                    help="keep finished modes, continue interrupted ones from --out/<mode>/checkpoint.pt")
     add_step_flags(r)
+    add_seed_flags(r)
     args = parse_with_presets(p, {"quick": QUICK}, argv)
     d, l = args.degree, args.path_length
     checks = [(d >= 2, "--degree must be >= 2 (one arm leaves no decision)"),
@@ -97,10 +99,13 @@ def get_args(argv=None):
               (args.warmup >= 0, "--warmup must be >= 0"),
               (args.lr > 0, "--lr must be > 0"),
               (0 <= args.final_lr_frac <= 1, "--final-lr-frac must be in [0, 1]"),
-              (args.weight_decay >= 0, "--weight-decay must be >= 0")]
+              (args.weight_decay >= 0, "--weight-decay must be >= 0"),
+              (args.parallel >= 1, "--parallel must be >= 1")]
     for ok, msg in checks:
         if not ok:
             die(msg)
+    if args.inweights_metrics:
+        load_inweights(args.inweights_metrics)  # a bad path fails before anything is written
     args.modes = [m for m in MODES if m in args.modes]  # canonical order, no repeats
     return args
 
@@ -324,10 +329,29 @@ def write_figures(out, args, results, inweights):
             f"named)")
 
 
-def main(argv=None):
-    args = get_args(argv)
-    device = pick_device(args.device)
-    steps = step_modes(args, device)  # a bad --cuda-graph fails before anything is written
+def first_epoch(history, reached):
+    """The first evaluated epoch whose measures satisfy `reached`, or None."""
+    return next((h["epoch"] for h in history if reached(h)), None)
+
+
+def seed_rows(results):
+    """One run's final measures for --seeds: {"modes": {mode: {measure: value}}}, with the epoch the
+    held-out full path first reached 0.9 and, for next-token training, the Clever Hans: the epoch
+    teacher-forced position 2 (a2, the unique child of the true a1) first reached 0.9 (App. A)."""
+    rows = {}
+    for mode, m in results.items():
+        row = {k: m["final"][k] for k in ("test_first_token_acc", "test_path_acc", "train_first_token_acc")}
+        row["epoch_path_0.9"] = first_epoch(m["history"], lambda h: h["test_path_acc"] >= 0.9)
+        if mode == "standard":
+            forced_a2 = lambda h: h["test_forced_token_acc"][2] >= 0.9
+            row["epoch_clever_hans"] = first_epoch(m["history"], forced_a2)
+        rows[mode] = row
+    return {"modes": rows}
+
+
+def run(args, device):
+    """The selected modes of one seed; writes --out and returns {mode: metrics}."""
+    steps = step_modes(args, device)
     inweights = load_inweights(args.inweights_metrics) if args.inweights_metrics else None
     if inweights and (inweights["config"]["n"], inweights["config"]["l"]) != (args.degree, args.path_length):
         c = inweights["config"]
@@ -357,6 +381,13 @@ def main(argv=None):
     write_figures(args.out, args, results, inweights)
     print(f"{time.time() - t0:.0f}s this session, {wall:.0f}s of training and evaluation -> {args.out}")
     return results
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = pick_device(args.device)
+    step_modes(args, device)  # a bad --cuda-graph fails before anything is written
+    return over_seeds(run, seed_rows, args, device) if args.seeds else run(args, device)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch
 
 import exp_incontext
 from common import Vocab, preset_help
-from conftest import figure_ok
+from conftest import figure_ok, untimed
 
 D, L, V = 3, 4, 15
 
@@ -144,6 +144,7 @@ def test_smoke_run(tmp_path):
     (["--positions", "rotary"], "invalid choice"),
     (["--inweights-metrics", "/nonexistent/metrics.json"], "--inweights-metrics"),
     (["--device", "cpu", "--cuda-graph"], "--cuda-graph needs a CUDA device"),
+    (["--seeds", "0", "1", "--parallel", "0"], "--parallel must be >= 1"),
 ])
 def test_bad_flags_exit_with_one_line(tmp_path, flags, msg, capsys):
     out = tmp_path / "run"
@@ -176,3 +177,39 @@ def test_defaults_follow_bn24_and_quick_keeps_its_optimizer():
         ([0.9, 0.999], 0.0, 1.0, "learned")
     quick = exp_incontext.get_args(["--quick"])
     assert (quick.betas, quick.grad_clip, quick.final_lr_frac) == ([0.9, 0.95], 1.0, 0.1)
+
+
+def test_seed_rows_known_answers():
+    """--seeds summarizes each mode by its final accuracies, the first epoch its held-out full path
+    reached 0.9 and, for next-token training, the Clever Hans epoch (teacher-forced a2 >= 0.9)."""
+    def history(paths, forced_a2):
+        return [{"epoch": e + 1, "test_path_acc": p, "test_forced_token_acc": [1.0, 0.5, a2, 1.0]}
+                for e, (p, a2) in enumerate(zip(paths, forced_a2))]
+    final = {"test_first_token_acc": 0.5, "test_path_acc": 0.25, "train_first_token_acc": 0.75}
+    results = {"standard": {"final": final, "history": history([0.1, 0.5, 0.5], [0.2, 0.95, 1.0])},
+               "reverse": {"final": {**final, "test_path_acc": 1.0},
+                           "history": history([0.5, 0.9, 1.0], [1.0, 1.0, 1.0])}}
+    rows = exp_incontext.seed_rows(results)
+    assert rows == {"modes": {
+        "standard": {**final, "epoch_path_0.9": None, "epoch_clever_hans": 2},
+        "reverse": {**final, "test_path_acc": 1.0, "epoch_path_0.9": 2}}}
+
+
+def test_seeds_match_single_runs(tmp_path):
+    """--seeds 0 1: each seed's folder is the run --seed S gives, and the summary holds their spread."""
+    flags = ["--quick", "--train-size", "256", "--test-size", "64", "--epochs", "2", "--n-embd", "32",
+             "--n-layer", "1", "--batch-size", "64", "--modes", "standard", "reverse"]
+    per_seed = exp_incontext.main(flags + ["--seeds", "0", "1", "--out", str(tmp_path / "seeds")])
+    single = exp_incontext.main(flags + ["--seed", "1", "--out", str(tmp_path / "single")])
+    drop = ("time_s", "wall_time_s", "wall_time_s_per_mode", "config")  # config holds --out
+    for mode in ("standard", "reverse"):
+        assert untimed(per_seed[1][mode], drop) == untimed(single[mode], drop)
+    seeded, alone = (json.load(open(tmp_path / d / "metrics.json")) for d in ("seeds/seed1", "single"))
+    assert untimed(seeded, drop) == untimed(alone, drop)
+    summary = json.load(open(tmp_path / "seeds" / "metrics.json"))["summary"]
+    first = summary["modes: reverse"]["test_first_token_acc"]
+    assert first["values"]["1"] == single["reverse"]["final"]["test_first_token_acc"]
+    assert first["values"]["0"] == per_seed[0]["reverse"]["final"]["test_first_token_acc"]
+    assert first["min"] <= first["mean"] <= first["max"]
+    md = (tmp_path / "seeds" / "summary.md").read_text()
+    assert "## modes" in md and "| standard |" in md and "| reverse |" in md
