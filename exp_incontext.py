@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from common import (GPT, ArgParser, GPTConfig, Phase, Vocab, add_adamw_flags, add_seed_flags, add_step_flags,
-                    autocast, config_diff, decode_answer, device_name, die, loss_tail, over_seeds,
+                    autocast, config_diff, curve_band, decode_answer, device_name, die, loss_tail, over_seeds,
                     parse_with_presets, pick_device, plot_panels, prepare_out, preset_help, seed_everything,
                     step_modes, token_embeddings, train, write_json)
 
@@ -290,10 +290,15 @@ def position_names(mode, l):
     return ["start (copied)", "a1 (decision)"] + [f"a{i}" for i in range(2, l - 1)] + ["goal"]
 
 
+def describe(args):
+    """The run's setting, for figure titles."""
+    return (f"in-context G({args.degree},{args.path_length}), V={args.num_values}, {args.train_size} train "
+            f"graphs, GPT {args.n_layer}L x {args.n_embd}")
+
+
 def write_figures(out, args, results, inweights):
     d, l = args.degree, args.path_length
-    label = (f"in-context G({d},{l}), V={args.num_values}, {args.train_size} train graphs, "
-             f"GPT {args.n_layer}L x {args.n_embd}")
+    label = describe(args)
     curves = lambda key: [([h["epoch"] for h in r["history"]], [h[key] for h in r["history"]], mode)
                           for mode, r in results.items()]
     plot_panels(os.path.join(out, "accuracy.png"), [
@@ -383,11 +388,33 @@ def run(args, device):
     return results
 
 
+def write_seed_figure(args, per_seed):
+    """--seeds: each mode's held-out curves, the mean over seeds with a min..max band (summary.png)."""
+    seeds = list(per_seed)
+
+    def line(mode, key):  # key: a history field, or a position of the teacher-forced accuracies
+        value = (lambda h: h["test_forced_token_acc"][key]) if isinstance(key, int) else (lambda h: h[key])
+        hists = [[{"epoch": h["epoch"], "v": value(h)} for h in per_seed[s][mode]["history"]] for s in seeds]
+        epochs, mean, band = curve_band(hists, "v")
+        return epochs, mean, mode, band
+    measures = (("held-out first token (a1; reverse: goal's parent)", "test_first_token_acc"),
+                ("held-out full path (exact match)", "test_path_acc"),
+                ("held-out position 2, teacher-forced\n(standard: the Clever Hans)", 2))
+    panels = [(title, "accuracy", [line(mode, key) for mode in args.modes], 1 / args.degree)
+              for title, key in measures]
+    plot_panels(os.path.join(args.out, "summary.png"), panels,
+                f"{describe(args)}: mean over seeds {seeds}, band = min..max")
+
+
 def main(argv=None):
     args = get_args(argv)
     device = pick_device(args.device)
     step_modes(args, device)  # a bad --cuda-graph fails before anything is written
-    return over_seeds(run, seed_rows, args, device) if args.seeds else run(args, device)
+    if not args.seeds:
+        return run(args, device)
+    per_seed = over_seeds(run, seed_rows, args, device)
+    write_seed_figure(args, per_seed)
+    return per_seed
 
 
 if __name__ == "__main__":

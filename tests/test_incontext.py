@@ -213,3 +213,4 @@ def test_seeds_match_single_runs(tmp_path):
     assert first["min"] <= first["mean"] <= first["max"]
     md = (tmp_path / "seeds" / "summary.md").read_text()
     assert "## modes" in md and "| standard |" in md and "| reverse |" in md
+    assert figure_ok(tmp_path / "seeds" / "summary.png")
