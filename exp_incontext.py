@@ -334,26 +334,6 @@ def write_figures(out, args, results, inweights):
             f"named)")
 
 
-def first_epoch(history, reached):
-    """The first evaluated epoch whose measures satisfy `reached`, or None."""
-    return next((h["epoch"] for h in history if reached(h)), None)
-
-
-def seed_rows(results):
-    """One run's final measures for --seeds: {"modes": {mode: {measure: value}}}, with the epoch the
-    held-out full path first reached 0.9 and, for next-token training, the Clever Hans: the epoch
-    teacher-forced position 2 (a2, the unique child of the true a1) first reached 0.9 (App. A)."""
-    rows = {}
-    for mode, m in results.items():
-        row = {k: m["final"][k] for k in ("test_first_token_acc", "test_path_acc", "train_first_token_acc")}
-        row["epoch_path_0.9"] = first_epoch(m["history"], lambda h: h["test_path_acc"] >= 0.9)
-        if mode == "standard":
-            forced_a2 = lambda h: h["test_forced_token_acc"][2] >= 0.9
-            row["epoch_clever_hans"] = first_epoch(m["history"], forced_a2)
-        rows[mode] = row
-    return {"modes": rows}
-
-
 def run(args, device):
     """The selected modes of one seed; writes --out and returns {mode: metrics}."""
     steps = step_modes(args, device)
@@ -386,6 +366,29 @@ def run(args, device):
     write_figures(args.out, args, results, inweights)
     print(f"{time.time() - t0:.0f}s this session, {wall:.0f}s of training and evaluation -> {args.out}")
     return results
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def first_epoch(history, reached):
+    """The first evaluated epoch whose measures satisfy `reached`, or None."""
+    return next((h["epoch"] for h in history if reached(h)), None)
+
+
+def seed_rows(results):
+    """One run's final measures for --seeds: {"modes": {mode: {measure: value}}}, with the epoch the
+    held-out full path first reached 0.9 and, for next-token training, the Clever Hans: the epoch
+    teacher-forced position 2 (a2, the unique child of the true a1) first reached 0.9 (App. A)."""
+    rows = {}
+    for mode, m in results.items():
+        row = {k: m["final"][k] for k in ("test_first_token_acc", "test_path_acc", "train_first_token_acc")}
+        row["epoch_path_0.9"] = first_epoch(m["history"], lambda h: h["test_path_acc"] >= 0.9)
+        if mode == "standard":
+            forced_a2 = lambda h: h["test_forced_token_acc"][2] >= 0.9
+            row["epoch_clever_hans"] = first_epoch(m["history"], forced_a2)
+        rows[mode] = row
+    return {"modes": rows}
 
 
 def write_seed_figure(args, per_seed):
