@@ -1504,12 +1504,14 @@ def over_seeds(run, rows, args, device):
     return per_seed
 
 
-def curve_band(histories, key):
-    """Mean, min and max of history[key] over seeds, at the epochs every seed evaluated."""
-    epochs = sorted(set.intersection(*({h["epoch"] for h in hist} for hist in histories)))
-    at = [{h["epoch"]: h[key] for h in hist} for hist in histories]
-    v = np.array([[a[e] for e in epochs] for a in at], dtype=float)
-    return epochs, v.mean(0), (v.min(0), v.max(0))
+def curve_band(histories, value, x="epoch"):
+    """Mean, min and max over seeds of each record's `value` (a key, or a function of the record),
+    at the x (epochs, steps) every seed recorded: (xs, mean, (mins, maxs))."""
+    get = value if callable(value) else (lambda h: h[value])
+    xs = sorted(set.intersection(*({h[x] for h in hist} for hist in histories)))
+    at = [{h[x]: get(h) for h in hist} for hist in histories]
+    v = np.array([[a[e] for e in xs] for a in at], dtype=float)
+    return xs, v.mean(0), (v.min(0), v.max(0))
 
 
 # ----------------------------------------------------------------------------- benchmarking

@@ -396,9 +396,8 @@ def write_seed_figure(args, per_seed):
     seeds = list(per_seed)
 
     def line(mode, key):  # key: a history field, or a position of the teacher-forced accuracies
-        value = (lambda h: h["test_forced_token_acc"][key]) if isinstance(key, int) else (lambda h: h[key])
-        hists = [[{"epoch": h["epoch"], "v": value(h)} for h in per_seed[s][mode]["history"]] for s in seeds]
-        epochs, mean, band = curve_band(hists, "v")
+        value = (lambda h: h["test_forced_token_acc"][key]) if isinstance(key, int) else key
+        epochs, mean, band = curve_band([per_seed[s][mode]["history"] for s in seeds], value)
         return epochs, mean, mode, band
     measures = (("held-out first token (a1; reverse: goal's parent)", "test_first_token_acc"),
                 ("held-out full path (exact match)", "test_path_acc"),

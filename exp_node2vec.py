@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from common import (TINY_GRAPHS, ArgParser, Node2Vec, Node2VecConfig, add_seed_flags, adjacency,
-                    coefficient_matrix, device_name, die, edge_margin, grid_graph, k_for_energy,
+                    coefficient_matrix, curve_band, device_name, die, edge_margin, grid_graph, k_for_energy,
                     laplacian_eigs, logit_recall, navigation_score, neighbour_targets, over_seeds,
                     parse_with_presets, path_star, pick_device, prepare_out, preset_help, principal_angles,
                     pyplot, save_figure, seed_everything, spectral_energy, tiny_graph, train_node2vec,
@@ -518,7 +518,9 @@ def summary_text(name, r):
     return "\n".join(lines)
 
 
-def plot_dynamics_summary(path, results):
+def plot_dynamics_summary(path, runs):
+    """runs: the results of one seed, or of several (--seeds): then each graph's line is their mean
+    with a min..max band."""
     plt = pyplot()
     panels = [("energy_top_k", "share of ‖E‖² in top-k eigenvectors", "linear"),
               ("Cv_top_max", "max ‖C v_i‖ over the Fiedler-like v_2..v_k", "log"),
@@ -526,15 +528,19 @@ def plot_dynamics_summary(path, results):
               ("dist_to_final", "‖E_t − E_T‖ / ‖E_T‖", "log")]
     fig, axes = plt.subplots(1, 4, figsize=(21, 4.4))
     for ax, (key, title, scale) in zip(axes, panels):
-        for name, r in results.items():
-            h = r["dynamics"][:-1] if key == "dist_to_final" else r["dynamics"]  # 0 at T by definition
-            ax.plot([x["step"] for x in h], [x[key] for x in h], label=f"{name} (k={r['main']['k']})")
+        for name, r in runs[0].items():
+            cut = -1 if key == "dist_to_final" else None  # 0 at T by definition
+            steps, mean, band = curve_band([run[name]["dynamics"][:cut] for run in runs], key, x="step")
+            line, = ax.plot(steps, mean, label=f"{name} (k={r['main']['k']})")
+            if len(runs) > 1:
+                ax.fill_between(steps, *band, color=line.get_color(), alpha=0.2, lw=0)
         ax.set(xscale="symlog", yscale=scale, title=title, xlabel="step")
-        ax.set_xlim(0, 1.1 * max(x["step"] for r in results.values() for x in r["dynamics"]))
+        ax.set_xlim(0, 1.1 * max(x["step"] for r in runs[0].values() for x in r["dynamics"]))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    seeds = f"; mean over {len(runs)} seeds, band = min..max" if len(runs) > 1 else ""
     fig.suptitle("App. F on every graph: alignment with the top-k eigenvectors, ‖C v_i‖ on them, gradient, "
-                 "distance to the final E", fontsize=11)
+                 f"distance to the final E{seeds}", fontsize=11)
     save_figure(fig, path, dpi=90)
 
 
@@ -661,7 +667,7 @@ def run(args, device):
               f"{times[f'main/{name}']:.0f}s")
     plot_spectrum(os.path.join(args.out, "spectrum.png"), results)
     plot_embeddings(os.path.join(args.out, "embeddings.png"), states)
-    plot_dynamics_summary(os.path.join(args.out, "dynamics_summary.png"), results)
+    plot_dynamics_summary(os.path.join(args.out, "dynamics_summary.png"), [results])
     if "width" in studies:
         for name in extra:
             t = time.time()
@@ -702,7 +708,11 @@ def run(args, device):
 def main(argv=None):
     args = get_args(argv)
     device = pick_device(args.device)
-    return over_seeds(run, seed_rows, args, device) if args.seeds else run(args, device)
+    if not args.seeds:
+        return run(args, device)
+    per_seed = over_seeds(run, seed_rows, args, device)
+    plot_dynamics_summary(os.path.join(args.out, "dynamics_summary.png"), list(per_seed.values()))
+    return per_seed
 
 
 if __name__ == "__main__":

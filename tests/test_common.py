@@ -8,10 +8,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from common import (GPT, CausalSelfAttention, GPTConfig, GroupSampler, Packing, Phase, Stepper, Vocab,
-                    adjacency, arm_edges, cosine_matrix, decode_answer, edge_group, edge_recall, forever,
-                    greedy_decode, grid_graph, hop_cosine, loss_tail, lr_at, make_optimizer, navigation_score,
-                    path_group, path_prompts, path_star, path_targets, set_lr, split_arms, summary_markdown,
-                    tiny_graph, top_k_hits, train)
+                    adjacency, arm_edges, cosine_matrix, curve_band, decode_answer, edge_group, edge_recall,
+                    forever, greedy_decode, grid_graph, hop_cosine, loss_tail, lr_at, make_optimizer,
+                    navigation_score, path_group, path_prompts, path_star, path_targets, set_lr, split_arms,
+                    summary_markdown, tiny_graph, top_k_hits, train)
 
 
 @pytest.mark.parametrize("d,l", [(1, 2), (3, 5), (50, 4), (7, 10)])
@@ -541,3 +541,18 @@ def test_summary_markdown_known_answers():
     md = summary_markdown(rows, [0, 1, 2])
     assert "| row | first step all edges | final geometric level |" in md
     assert "| grid tinygpt | 100 / – / 130 | +0.200 [-0.100, +0.500] |" in md
+
+
+def test_curve_band_known_answers():
+    """Seed bands: the mean, min and max at the x every seed recorded; a value is a key or a function
+    of the record, x any key (epochs, steps)."""
+    a = [{"epoch": 1, "acc": 0.0, "pos": [1, 2]}, {"epoch": 2, "acc": 0.5, "pos": [3, 4]}]
+    b = [{"epoch": 2, "acc": 1.0, "pos": [5, 8]}, {"epoch": 3, "acc": 1.0, "pos": [0, 0]}]
+    xs, mean, (lo, hi) = curve_band([a, b], "acc")
+    assert xs == [2] and mean.tolist() == [0.75] and lo.tolist() == [0.5] and hi.tolist() == [1.0]
+    xs, mean, (lo, hi) = curve_band([a, a], lambda h: h["pos"][1])
+    assert xs == [1, 2] and mean.tolist() == lo.tolist() == hi.tolist() == [2.0, 4.0]
+    steps = [[{"step": 0, "g": 4.0}, {"step": 10, "g": 1.0}], [{"step": 0, "g": 2.0}, {"step": 10, "g": 3.0}]]
+    xs, mean, (lo, hi) = curve_band(steps, "g", x="step")
+    assert xs == [0, 10] and mean.tolist() == [3.0, 2.0]
+    assert lo.tolist() == [2.0, 1.0] and hi.tolist() == [4.0, 3.0]

@@ -179,3 +179,4 @@ def test_seeds_match_single_runs(tmp_path):
     assert share["values"]["1"] == single["results"]["path_star"]["untied"]["untied"]["negative_logit_share"]
     assert summary["untied: path_star tied"]["negative_logit_share"]["max"] == 0.0  # E E^T is PSD
     assert "## untied" in (tmp_path / "seeds" / "summary.md").read_text()
+    assert figure_ok(tmp_path / "seeds" / "dynamics_summary.png")  # the seeds' band
