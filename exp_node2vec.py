@@ -530,7 +530,7 @@ def plot_dynamics_summary(path, runs):
     for ax, (key, title, scale) in zip(axes, panels):
         for name, r in runs[0].items():
             cut = -1 if key == "dist_to_final" else None  # 0 at T by definition
-            steps, mean, band = curve_band([run[name]["dynamics"][:cut] for run in runs], key, x="step")
+            steps, mean, band = curve_band([seed[name]["dynamics"][:cut] for seed in runs], key, x="step")
             line, = ax.plot(steps, mean, label=f"{name} (k={r['main']['k']})")
             if len(runs) > 1:
                 ax.fill_between(steps, *band, color=line.get_color(), alpha=0.2, lw=0)
