@@ -294,11 +294,16 @@ def construction(name, graph):
     return None
 
 
+def norm2_per_margin(res):
+    """The trained tied model's ‖E‖_F² at unit margin (E -> sE scales both by s²); None without a
+    positive margin."""
+    return res["E_norm"] ** 2 / res["margin"] if res["margin"] > 0 else None
+
+
 def complexity_row(name, graph, res):
     N, m = graph.number_of_nodes(), graph.number_of_edges()
     bits = math.ceil(math.log2(N))
     cons = construction(name, graph)
-    E_norm2 = res["E_norm"] ** 2
     return {"graph": name, "nodes": N, "edges": m,
             "assoc_bits": 2 * m * bits,  # m ids of log N bits, both directions (as trained)
             "geo_construction": f"k={cons[0]}, c={cons[1]}" if cons else None,
@@ -306,7 +311,7 @@ def complexity_row(name, graph, res):
             "geo_bits_measured": N * res["k"] * bits,  # k the trained model uses, c = N cells (worst case)
             "assoc_norm2": 2 * m,  # ||A||_F^2: one-hot embeddings, lookup W = A, margin 1
             "geo_norm2_lower": N,  # every ||e_u||^2 >= 1 for margin 1
-            "geo_norm2_measured": E_norm2 / res["margin"] if res["margin"] > 0 else None,
+            "geo_norm2_measured": norm2_per_margin(res),
             "margin": res["margin"], "edge_recall": res["edge_recall"]}
 
 
@@ -627,11 +632,13 @@ def plan(args):
 
 
 def seed_rows(results):
-    """One run's final measures for --seeds: {study: {row: {measure: value}}}."""
+    """One run's final measures for --seeds: {study: {row: {measure: value}}}; the main study's
+    rows include the complexity table's trained column (`norm2_per_margin`)."""
     main_keys = ("k", "energy_top_k", "max_angle_deg", "mean_angle_deg", "Cv_top_max", "CU_top_max",
                  "offblock_C", "loss", "grad_norm", "E_change_second_half", "edge_recall", "cos_1hop",
                  "navigation_top1")
-    rows = {"main": {g: {k: r["main"][k] for k in main_keys if k in r["main"]} for g, r in results.items()}}
+    rows = {"main": {g: {**{k: r["main"][k] for k in main_keys if k in r["main"]},
+                         "norm2_per_margin": norm2_per_margin(r["main"])} for g, r in results.items()}}
     width_keys = ("energy_top_k", "k95", "max_angle_deg", "loss")
     rows["width"] = {f"{g} width {w['width']}": {k: w[k] for k in width_keys}
                      for g, r in results.items() for w in r.get("width", [])}

@@ -180,3 +180,17 @@ def test_seeds_match_single_runs(tmp_path):
     assert summary["untied: path_star tied"]["negative_logit_share"]["max"] == 0.0  # E E^T is PSD
     assert "## untied" in (tmp_path / "seeds" / "summary.md").read_text()
     assert figure_ok(tmp_path / "seeds" / "dynamics_summary.png")  # the seeds' band
+
+
+def test_seed_rows_known_answers():
+    """--seeds summarizes the main study's measures, with the complexity table's trained column
+    (‖E‖²/margin; none without a positive margin), and only the studies that ran."""
+    results = {"grid": {"main": {"k": 3, "loss": 1.5, "E_norm": 2.0, "margin": 0.5, "num_nodes": 16}},
+               "cycle": {"main": {"k": 2, "loss": 1.0, "E_norm": 1.0, "margin": -0.1}}}
+    assert exp_node2vec.seed_rows(results) == {"main": {
+        "grid": {"k": 3, "loss": 1.5, "norm2_per_margin": 8.0},
+        "cycle": {"k": 2, "loss": 1.0, "norm2_per_margin": None}}}
+    trained = {**results["grid"]["main"], "edge_recall": 1.0}
+    row = exp_node2vec.complexity_row("grid", grid_graph(4, 4), trained)
+    assert row["geo_norm2_measured"] == 8.0
+    assert (row["nodes"], row["edges"], row["assoc_norm2"], row["geo_norm2_lower"]) == (16, 24, 48, 16)
