@@ -1514,6 +1514,13 @@ def curve_band(histories, value, x="epoch"):
     return xs, v.mean(0), (v.min(0), v.max(0))
 
 
+def epochs_to(history, level, value):
+    """The first recorded epoch at which `value` (a key, or a function of the record) reaches
+    `level` (App. D.2's "faster convergence"), or None if it never does."""
+    get = value if callable(value) else (lambda h: h[value])
+    return next((h["epoch"] for h in history if get(h) >= level), None)
+
+
 # ----------------------------------------------------------------------------- benchmarking
 
 

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from common import (GPT, ArgParser, GPTConfig, Phase, Vocab, add_adamw_flags, add_seed_flags, add_step_flags,
-                    autocast, config_diff, curve_band, decode_answer, device_name, die, loss_tail, over_seeds,
-                    parse_with_presets, pick_device, plot_panels, prepare_out, preset_help, seed_everything,
-                    step_modes, token_embeddings, train, write_json)
+                    autocast, config_diff, curve_band, decode_answer, device_name, die, epochs_to, loss_tail,
+                    over_seeds, parse_with_presets, pick_device, plot_panels, prepare_out, preset_help,
+                    seed_everything, step_modes, token_embeddings, train, write_json)
 
 MODES = ("standard", "teacherless", "reverse")
 
@@ -371,11 +371,6 @@ def run(args, device):
 # ----------------------------------------------------------------------------- seeds
 
 
-def first_epoch(history, reached):
-    """The first evaluated epoch whose measures satisfy `reached`, or None."""
-    return next((h["epoch"] for h in history if reached(h)), None)
-
-
 def seed_rows(results):
     """One run's final measures for --seeds: {"modes": {mode: {measure: value}}}, with the epoch the
     held-out full path first reached 0.9 and, for next-token training, the Clever Hans: the epoch
@@ -383,10 +378,10 @@ def seed_rows(results):
     rows = {}
     for mode, m in results.items():
         row = {k: m["final"][k] for k in ("test_first_token_acc", "test_path_acc", "train_first_token_acc")}
-        row["epoch_path_0.9"] = first_epoch(m["history"], lambda h: h["test_path_acc"] >= 0.9)
+        row["epoch_path_0.9"] = epochs_to(m["history"], 0.9, "test_path_acc")
         if mode == "standard":
-            forced_a2 = lambda h: h["test_forced_token_acc"][2] >= 0.9
-            row["epoch_clever_hans"] = first_epoch(m["history"], forced_a2)
+            forced_a2 = lambda h: h["test_forced_token_acc"][2]
+            row["epoch_clever_hans"] = epochs_to(m["history"], 0.9, forced_a2)
         rows[mode] = row
     return {"modes": rows}
 

@@ -18,12 +18,13 @@ import torch
 
 from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig, Phase, Vocab,
                     add_adamw_flags, add_step_flags, arm_edges, autocast, benchmark, config_diff, curve_band,
-                    decode_answer, device_name, die, edge_group, edge_recall, geometric_level, hop_cosine,
-                    in_processes, k_for_energy, laplacian_eigs, navigation_score, neighbour_targets,
-                    node2vec_loss, one_seed, parse_with_presets, path_group, path_prompts, path_star,
-                    path_targets, peak_memory_gib, pick_device, plot_cosine_heatmap, plot_curves, plot_panels,
-                    prepare_out, preset_help, seed_everything, spectral_energy, spectral_share, split_arms,
-                    spread, step_modes, token_embeddings, train, train_node2vec, write_json, write_spread_csv)
+                    decode_answer, device_name, die, edge_group, edge_recall, epochs_to, geometric_level,
+                    hop_cosine, in_processes, k_for_energy, laplacian_eigs, navigation_score,
+                    neighbour_targets, node2vec_loss, one_seed, parse_with_presets, path_group, path_prompts,
+                    path_star, path_targets, peak_memory_gib, pick_device, plot_cosine_heatmap, plot_curves,
+                    plot_panels, prepare_out, preset_help, seed_everything, spectral_energy, spectral_share,
+                    split_arms, spread, step_modes, token_embeddings, train, train_node2vec, write_json,
+                    write_spread_csv)
 
 # CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (docs/notes.md).
 # It keeps nanoGPT's AdamW (betas 0.95, clipping at 1, no decay on biases and norms): over seeds 0-2
@@ -494,12 +495,6 @@ SUMMARY_KEYS = ["test_first_token_acc", "test_path_acc", "navigation_acc", "navi
                 "geometric_level", "spectral_share", "wall_time_s"]
 
 
-def epochs_to(history, level, key="test_first_token_acc"):
-    """The first evaluated epoch at which `key` reaches `level` (App. D.2's "faster convergence"),
-    or None if it never does."""
-    return next((h["epoch"] for h in history if h[key] >= level), None)
-
-
 def run_task(args, device, task=None):
     """One run of the path-star task, or of another script's task = (build(args) -> data,
     measure(data, args) -> make_evaluate's measure), e.g. exp_treestar's."""
@@ -554,7 +549,8 @@ def run_sweep(args, device, task=None):
         row = {"arm": arm, **{k: v for k, v in h[-1].items() if not isinstance(v, list)},
                "peak_test_first_token_acc": max(x["test_first_token_acc"] for x in h),
                "peak_test_path_acc": max(x["test_path_acc"] for x in h), "wall_time_s": r["wall_time_s"],
-               "epochs_to_50": epochs_to(h, 0.5), "epochs_to_90": epochs_to(h, 0.9)}
+               "epochs_to_50": epochs_to(h, 0.5, "test_first_token_acc"),
+               "epochs_to_90": epochs_to(h, 0.9, "test_first_token_acc")}
         rows.append({k: row.get(k) for k in ["arm"] + SUMMARY_KEYS})
     with open(os.path.join(args.out, "summary.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["arm"] + SUMMARY_KEYS)

@@ -30,10 +30,10 @@ import torch.nn as nn
 
 from common import (GPT, TINY_GRAPHS, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig,
                     Phase, TiedLM, Vocab, add_seed_flags, adjacency, arm_edges, cosine_matrix, device_name,
-                    die, edge_group, edge_margin, edge_margin_authors, edge_recall, geometric_level,
-                    laplacian_eigs, logit_recall, neighbour_targets, over_seeds, parse_with_presets,
-                    pick_device, prepare_out, pyplot, save_figure, seed_everything, tiny_graph,
-                    token_embeddings, train, train_node2vec, write_json)
+                    die, edge_group, edge_margin, edge_margin_authors, edge_recall, epochs_to,
+                    geometric_level, laplacian_eigs, logit_recall, neighbour_targets, over_seeds,
+                    parse_with_presets, pick_device, prepare_out, pyplot, save_figure, seed_everything,
+                    tiny_graph, token_embeddings, train, train_node2vec, write_json)
 
 MODELS = ("tinygpt", "tinynn", "tinyssm", "associative_gpt", "associative_nn", "associative_ssm", "node2vec",
           "graph_spectrum")
@@ -466,7 +466,7 @@ def seed_rows(metrics):
     for g, by_model in metrics.get("speed", {}).items():
         for m, hs in by_model.items():
             level = [h["geometric_level"] for h in hs]
-            row = {"first_step_all_edges": next((h["epoch"] for h in hs if h["edge_recovery"] == 1.0), None),
+            row = {"first_step_all_edges": epochs_to(hs, 1.0, "edge_recovery"),  # recovery is at most 1
                    "final_edge_recovery": hs[-1]["edge_recovery"], "peak_geometric_level": max(level),
                    "peak_level_step": hs[int(np.argmax(level))]["epoch"], "final_geometric_level": level[-1]}
             if "geometric_margin" in hs[-1]:

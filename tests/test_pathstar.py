@@ -370,7 +370,7 @@ def test_learned_positions_start_unit_normal():
 
 def test_epochs_to_level():
     h = [{"epoch": e, "test_first_token_acc": a} for e, a in [(10, 0.1), (20, 0.6), (30, 0.95)]]
-    assert tuple(exp_pathstar.epochs_to(h, level) for level in (0.5, 0.9, 0.99)) == \
+    assert tuple(common.epochs_to(h, level, "test_first_token_acc") for level in (0.5, 0.9, 0.99)) == \
         (20, 30, None)
 
 
