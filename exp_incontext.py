@@ -371,6 +371,11 @@ def run(args, device):
 # ----------------------------------------------------------------------------- seeds
 
 
+def forced_at(position):
+    """A history record's held-out teacher-forced accuracy at one answer position."""
+    return lambda h: h["test_forced_token_acc"][position]
+
+
 def seed_rows(results):
     """One run's final measures for --seeds: {"modes": {mode: {measure: value}}}, with the epoch the
     held-out full path first reached 0.9 and, for next-token training, the Clever Hans: the epoch
@@ -380,8 +385,7 @@ def seed_rows(results):
         row = {k: m["final"][k] for k in ("test_first_token_acc", "test_path_acc", "train_first_token_acc")}
         row["epoch_path_0.9"] = epochs_to(m["history"], 0.9, "test_path_acc")
         if mode == "standard":
-            forced_a2 = lambda h: h["test_forced_token_acc"][2]
-            row["epoch_clever_hans"] = epochs_to(m["history"], 0.9, forced_a2)
+            row["epoch_clever_hans"] = epochs_to(m["history"], 0.9, forced_at(2))
         rows[mode] = row
     return {"modes": rows}
 
@@ -390,15 +394,14 @@ def write_seed_figure(args, per_seed):
     """--seeds: each mode's held-out curves, the mean over seeds with a min..max band (summary.png)."""
     seeds = list(per_seed)
 
-    def line(mode, key):  # key: a history field, or a position of the teacher-forced accuracies
-        value = (lambda h: h["test_forced_token_acc"][key]) if isinstance(key, int) else key
+    def line(mode, value):  # value: a history field, or a function of the record
         epochs, mean, band = curve_band([per_seed[s][mode]["history"] for s in seeds], value)
         return epochs, mean, mode, band
     measures = (("held-out first token (a1; reverse: goal's parent)", "test_first_token_acc"),
                 ("held-out full path (exact match)", "test_path_acc"),
-                ("held-out position 2, teacher-forced\n(standard: the Clever Hans)", 2))
-    panels = [(title, "accuracy", [line(mode, key) for mode in args.modes], 1 / args.degree)
-              for title, key in measures]
+                ("held-out position 2, teacher-forced\n(standard: the Clever Hans)", forced_at(2)))
+    panels = [(title, "accuracy", [line(mode, value) for mode in args.modes], 1 / args.degree)
+              for title, value in measures]
     plot_panels(os.path.join(args.out, "summary.png"), panels,
                 f"{describe(args)}: mean over seeds {seeds}, band = min..max")
 
