@@ -1243,6 +1243,27 @@ def hop_cosine(emb, arms):
     return hops, cross.item()
 
 
+def arm_spectrum(emb, arms):
+    """§4.4 on a path-star, without its N x N eigenproblem. Apart from L + 1 vectors equal on every
+    arm, the eigenvectors of D^-1 A + A D^-1 (`laplacian_eigs` adds -2I) are the L modes phi_k of
+    one arm (a1 .. leaf with the root held at 0), each spread over the arms with weights that sum
+    to 0 (d - 1 copies). Returns (mu, share): mu[k] the eigenvalue of mode k, largest (smoothest)
+    first, and share[k] the part of the centred ||E||_F^2 in its copies. The graph is bipartite,
+    so the mode at -mu[k] is phi_k with every other sign flipped: a zigzag, and the share at mu < 0
+    is §4.4's negative eigendirections. `arms`: root-to-leaf lists that share only the root."""
+    X = torch.as_tensor(emb).float()
+    A = X[torch.tensor([arm[1:] for arm in arms], device=X.device)]  # (arms, L, C)
+    L = A.shape[1]
+    inv_degree = torch.full((L,), 0.5, dtype=torch.float64)  # a1 .. a_{L-1}: two neighbours
+    inv_degree[-1] = 1.0  # the leaf: one
+    w = inv_degree[:-1] + inv_degree[1:]  # (D^-1 A + A D^-1) between consecutive nodes of an arm
+    mu, phi = torch.linalg.eigh(torch.diag(w, 1) + torch.diag(w, -1))
+    mu, phi = mu.flip(0), phi.flip(1).to(X)
+    coef = torch.einsum("lk,alc->akc", phi, A - A.mean(0))  # the part equal on every arm removed
+    share = (coef ** 2).sum((0, 2)) / ((X - X.mean(0)) ** 2).sum()
+    return mu.tolist(), share.tolist()
+
+
 def token_embeddings(model, num_nodes):
     """Node embeddings as an (N, C) numpy array, row i = node i."""
     return model.wte.weight[:num_nodes].detach().float().cpu().numpy()
@@ -1733,7 +1754,7 @@ def plot_panels(path, panels, title, xlabel="epoch"):
     over seeds); an 'accuracy' panel is drawn on [0, 1]."""
     import matplotlib.ticker
     plt = pyplot()
-    cols = min(3, len(panels))
+    cols = 2 if len(panels) == 4 else min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols + 1.2, 4.0 * rows), squeeze=False)
     for ax in axes.flat[len(panels):]:

@@ -17,14 +17,14 @@ import numpy as np
 import torch
 
 from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig, Phase, Vocab,
-                    add_adamw_flags, add_step_flags, arm_edges, autocast, benchmark, config_diff, curve_band,
-                    decode_answer, device_name, die, edge_group, edge_recall, epochs_to, geometric_level,
-                    hop_cosine, in_processes, k_for_energy, laplacian_eigs, navigation_score,
-                    neighbour_targets, node2vec_loss, one_seed, parse_with_presets, path_group, path_prompts,
-                    path_star, path_targets, peak_memory_gib, pick_device, plot_cosine_heatmap, plot_curves,
-                    plot_panels, prepare_out, preset_help, seed_everything, spectral_energy, spectral_share,
-                    split_arms, spread, step_modes, token_embeddings, train, train_node2vec, write_json,
-                    write_spread_csv)
+                    add_adamw_flags, add_step_flags, arm_edges, arm_spectrum, autocast, benchmark,
+                    config_diff, curve_band, decode_answer, device_name, die, edge_group, edge_recall,
+                    epochs_to, geometric_level, hop_cosine, in_processes, k_for_energy, laplacian_eigs,
+                    navigation_score, neighbour_targets, node2vec_loss, one_seed, parse_with_presets,
+                    path_group, path_prompts, path_star, path_targets, peak_memory_gib, pick_device,
+                    plot_cosine_heatmap, plot_curves, plot_panels, prepare_out, preset_help, seed_everything,
+                    spectral_energy, spectral_share, split_arms, spread, step_modes, token_embeddings, train,
+                    train_node2vec, write_json, write_spread_csv)
 
 # CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (docs/notes.md).
 # It keeps nanoGPT's AdamW (betas 0.95, clipping at 1, no decay on biases and norms): over seeds 0-2
@@ -222,6 +222,8 @@ def make_evaluate(data, args, device, measure=None):
     if args.spectral_k > data["vocab"].num_nodes:
         die(f"--spectral-k must be at most the graph's {data['vocab'].num_nodes} nodes")
     basis = laplacian_eigs(data["graph"], k=args.spectral_k)[1] if args.spectral_k else None
+    # a path-star (not exp_treestar's tree): arms meet only at the root
+    disjoint_arms = data["graph"].number_of_nodes() == 1 + sum(len(a) - 1 for a in data["arms"])
     splits = {}
     for split in ("test", "train"):
         arms = data[f"{split}_arms"]
@@ -250,6 +252,9 @@ def make_evaluate(data, args, device, measure=None):
             nav = navigation_score(emb, data["test_arms"], data["arms"], source=-1, target=-3)
             res["navigation_2hop_acc"], res["navigation_2hop_mean_rank"] = nav
         res["hop_cosine"], res["cross_arm_cosine"] = hop_cosine(emb, data["test_arms"])
+        if disjoint_arms:  # §4.4: the share of ||E||^2 in each arm mode; zigzags are those at mu < 0
+            mu, res["arm_mode_share"] = arm_spectrum(emb, data["arms"])
+            res["zigzag_share"] = sum(s for m, s in zip(mu, res["arm_mode_share"]) if m < -1e-9)
         E = emb.cpu().numpy()
         res["geometric_level"] = geometric_level(E, data["edges"])
         if basis is not None:
@@ -331,6 +336,8 @@ def write_outputs(out, args, data, model, history, wall, device):
          [(x, [h[key][i] for h in history], names[i]) for i in range(args.l)], chance)
         for mode, key in (("greedy decoding", "test_token_acc"), ("teacher-forced", "test_token_acc_tf"))],
         f"Per-position accuracy: {label}")
+    modes = all("arm_mode_share" in h for h in history)  # a path-star, and not resumed from older code
+    mu = arm_spectrum(emb, data["arms"])[0] if modes else None  # the modes' eigenvalues, for the legend
     two_hops = all("navigation_2hop_acc" in h for h in history)  # (l >= 4, and not resumed from older code)
     up2 = lambda key, label: [(x, [h[key] for h in history], label)] if two_hops else []
     plot_panels(os.path.join(out, "geometry.png"), [
@@ -345,7 +352,11 @@ def write_outputs(out, args, data, model, history, wall, device):
              [(x, [h["hop_cosine"][i] for h in history], f"{i + 1} hop{'s' * (i > 0)} apart")
               for i in range(len(history[-1]["hop_cosine"]))]
              + [(x, [h["cross_arm_cosine"] for h in history], "in different arms")], None)]
-           if all("hop_cosine" in h for h in history) else []),  # (a run resumed from older code)
+           if all("hop_cosine" in h for h in history) else [])  # (a run resumed from older code)
+        + ([("all arms: energy by arm mode (§4.4)", "share of the embeddings' ||E||^2",
+             [(x, [h["arm_mode_share"][k] for h in history],
+               f"μ = {m:+.2f}" + (" (smooth)" if k == 0 else " (zigzag)" if k == len(mu) - 1 else ""))
+              for k, m in enumerate(mu)], (args.n - 1) / (data["vocab"].num_nodes - 1))] if mu else []),
         f"Embedding geometry: {label}")
     shown = data["test_arms"][:8]  # held-out arms: their paths were never trained end to end
     plot_cosine_heatmap(os.path.join(out, "embedding_heatmap.png"), emb, [a[1:] for a in shown],
@@ -492,7 +503,7 @@ def run(args, device, data=None, measure=None):
 SUMMARY_KEYS = ["test_first_token_acc", "test_path_acc", "navigation_acc", "navigation_mean_rank",
                 "chance_first_token", "peak_test_first_token_acc", "peak_test_path_acc",
                 "epochs_to_50", "epochs_to_90", "train_first_token_acc", "train_path_acc", "edge_acc",
-                "geometric_level", "spectral_share", "wall_time_s"]
+                "geometric_level", "spectral_share", "zigzag_share", "wall_time_s"]
 
 
 def run_task(args, device, task=None):
@@ -613,7 +624,8 @@ def run_seeds(args, device, task=None):
         hist = {f"mean of {len(seeds)} seeds": [per_seed[s]["history"] for s in seeds]}
     keys = [("test_first_token_acc", "held-out first token"), ("test_path_acc", "held-out full path"),
             ("navigation_acc", "navigation (top-1)"),
-            ("navigation_2hop_acc", "leaf -> node 2 hops up (top-1)"), ("edge_acc", "edges memorized")]
+            ("navigation_2hop_acc", "leaf -> node 2 hops up (top-1)"), ("edge_acc", "edges memorized"),
+            ("zigzag_share", "zigzag share: ||E||^2 in arm modes at mu < 0 (§4.4)")]
     if args.first_token_only or args.no_paths:
         keys = [k for k in keys if "path" not in k[0]]
     last = next(iter(hist.values()))[0][-1]  # a key some runs lack (l < 4, older code) is left out

@@ -8,10 +8,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from common import (GPT, CausalSelfAttention, GPTConfig, GroupSampler, Packing, Phase, Stepper, Vocab,
-                    adjacency, arm_edges, cosine_matrix, curve_band, decode_answer, edge_group, edge_recall,
-                    forever, greedy_decode, grid_graph, hop_cosine, loss_tail, lr_at, make_optimizer,
-                    navigation_score, path_group, path_prompts, path_star, path_targets, set_lr, split_arms,
-                    summary_markdown, tiny_graph, top_k_hits, train)
+                    adjacency, arm_edges, arm_spectrum, cosine_matrix, curve_band, decode_answer, edge_group,
+                    edge_recall, forever, greedy_decode, grid_graph, hop_cosine, laplacian_eigs, loss_tail,
+                    lr_at, make_optimizer, navigation_score, path_group, path_prompts, path_star,
+                    path_targets, set_lr, spectral_energy, split_arms, summary_markdown, tiny_graph,
+                    top_k_hits, train)
 
 
 @pytest.mark.parametrize("d,l", [(1, 2), (3, 5), (50, 4), (7, 10)])
@@ -285,6 +286,35 @@ def test_hop_cosine_known_answers():
     hops, c = hop_cosine(emb, arms)
     assert hops == pytest.approx([np.mean(x) for x in by_hop], abs=1e-6)
     assert c == pytest.approx(np.mean(cross), abs=1e-6)
+
+
+def test_arm_spectrum_known_answers():
+    """One arm of a1 and a leaf: (D^-1 A + A D^-1) = [[0, 1/2 + 1], [1/2 + 1, 0]] with the root
+    held at 0, so mu = +-1.5 with modes (1, 1) (smooth) and (1, -1) (zigzag). Weights summing to 0
+    over the arms put all the energy in one mode; on longer arms the shares equal the dense
+    eigendecomposition's (`laplacian_eigs`), summed over each mode's d - 1 copies."""
+    _, _, arms = path_star(4, 3, seed=0)
+    c = torch.tensor([1.0, -2.0, 3.0, -2.0])  # sums to 0: no part equal on every arm
+    smooth, zigzag = torch.zeros(9, 2), torch.zeros(9, 2)
+    for a, arm in enumerate(arms):
+        smooth[arm[1:], 1] = c[a]
+        zigzag[arm[1], 0], zigzag[arm[2], 0] = c[a], -c[a]
+    mu, share = arm_spectrum(smooth, arms)
+    assert mu == pytest.approx([1.5, -1.5]) and share == pytest.approx([1.0, 0.0], abs=1e-6)
+    assert arm_spectrum(zigzag, arms)[1] == pytest.approx([0.0, 1.0], abs=1e-6)
+    same = smooth.clone()
+    same[[arm[1] for arm in arms], 0] = 1.0  # equal on every arm: in no arm mode, but in ||E - mean||^2
+    # (channel 1: 2 * sum(c^2) = 36; channel 0, centred over the 9 nodes: 4 (5/9)^2 + 5 (4/9)^2 = 20/9)
+    assert arm_spectrum(same, arms)[1] == pytest.approx([36 / (36 + 20 / 9), 0.0], abs=1e-6)
+    for d, l in [(6, 5), (7, 4)]:
+        g, _, arms = path_star(d, l, seed=1)
+        E = np.random.default_rng(0).normal(size=(g.number_of_nodes(), 8))
+        mu, share = arm_spectrum(E, arms)
+        evals, V = laplacian_eigs(g)  # of D^-1 A + A D^-1 - 2I
+        energy = spectral_energy(E - E.mean(0), V)
+        copies = [np.abs(evals + 2 - m) < 1e-8 for m in mu]
+        assert [int(k.sum()) for k in copies] == [d - 1] * (l - 1)
+        assert share == pytest.approx([energy[k].sum() for k in copies], abs=1e-6)
 
 
 def test_cosine_matrix():

@@ -220,6 +220,12 @@ def test_edges_only_reports_geometry(tmp_path):
     f = json.load(open(out / "metrics.json"))["final"]
     assert 0 <= f["navigation_acc"] <= 1 and 1 <= f["navigation_mean_rank"] <= 24
     assert f["chance_navigation_mean_rank"] == 12.5
+    # §4.4's arm modes, recorded from the embeddings the run saves
+    arms = json.load(open(out / "graph.json"))["arms"]
+    mu, share = common.arm_spectrum(np.load(out / "embeddings.npy"), arms)
+    assert len(share) == 3 and f["arm_mode_share"] == pytest.approx(share, abs=1e-6)  # a1, a2, leaf
+    assert mu == pytest.approx([1.8028, 0.0, -1.8028], abs=1e-4)
+    assert f["zigzag_share"] == pytest.approx(share[2], abs=1e-6)  # only the last mode is at mu < 0
     for fig in ("geometry.png", "embedding_heatmap.png"):
         assert figure_ok(out / fig)
 

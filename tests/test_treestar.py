@@ -51,6 +51,7 @@ def test_treestar_smoke(tmp_path):
         m = json.load(open(out / split / "metrics.json"))
         assert m["final"]["chance_token_acc"] == [1.0, 1 / 6, 0.5, 0.5]
         assert len(m["final"]["test_token_acc"]) == 4
+        assert "arm_mode_share" not in m["final"]  # a path-star measure: the tree's arms share nodes
         g = json.load(open(out / split / "graph.json"))
         assert g["split"] == split and len(g["all_paths"]) == 6 * 4
         assert set(g["train_leaves"]) | set(g["test_leaves"]) == {p[-1] for p in g["all_paths"]}
