@@ -625,7 +625,7 @@ def run_seeds(args, device, task=None):
     keys = [("test_first_token_acc", "held-out first token"), ("test_path_acc", "held-out full path"),
             ("navigation_acc", "navigation (top-1)"),
             ("navigation_2hop_acc", "leaf -> node 2 hops up (top-1)"), ("edge_acc", "edges memorized"),
-            ("zigzag_share", "zigzag share: ||E||^2 in arm modes at mu < 0 (§4.4)")]
+            ("zigzag_share", "zigzag share: ||E||^2 in arm modes at μ < 0 (§4.4)")]
     if args.first_token_only or args.no_paths:
         keys = [k for k in keys if "path" not in k[0]]
     last = next(iter(hist.values()))[0][-1]  # a key some runs lack (l < 4, older code) is left out
