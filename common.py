@@ -1243,25 +1243,34 @@ def hop_cosine(emb, arms):
     return hops, cross.item()
 
 
-def arm_spectrum(emb, arms):
-    """§4.4 on a path-star, without its N x N eigenproblem. Apart from L + 1 vectors equal on every
-    arm, the eigenvectors of D^-1 A + A D^-1 (`laplacian_eigs` adds -2I) are the L modes phi_k of
-    one arm (a1 .. leaf with the root held at 0), each spread over the arms with weights that sum
-    to 0 (d - 1 copies). Returns (mu, share): mu[k] the eigenvalue of mode k, largest (smoothest)
-    first, and share[k] the part of the centred ||E||_F^2 in its copies. The graph is bipartite,
-    so the mode at -mu[k] is phi_k with every other sign flipped: a zigzag, and the share at mu < 0
-    is §4.4's negative eigendirections. `arms`: root-to-leaf lists that share only the root."""
-    X = torch.as_tensor(emb).float()
-    A = X[torch.tensor([arm[1:] for arm in arms], device=X.device)]  # (arms, L, C)
-    L = A.shape[1]
+@functools.lru_cache
+def arm_modes(L, device="cpu"):
+    """The L modes of one arm of a path-star (a1 .. leaf, the root held at 0): the eigenpairs of
+    D^-1 A + A D^-1 restricted to it, largest eigenvalue first, as float32 tensors on `device`:
+    (mu (L,), phi (L, L), one mode per column). Computed once per (L, device): no CPU work or
+    copies inside a training step (--zigzag-penalty)."""
     inv_degree = torch.full((L,), 0.5, dtype=torch.float64)  # a1 .. a_{L-1}: two neighbours
     inv_degree[-1] = 1.0  # the leaf: one
     w = inv_degree[:-1] + inv_degree[1:]  # (D^-1 A + A D^-1) between consecutive nodes of an arm
     mu, phi = torch.linalg.eigh(torch.diag(w, 1) + torch.diag(w, -1))
-    mu, phi = mu.flip(0), phi.flip(1).to(X)
+    return mu.flip(0).float().to(device), phi.flip(1).float().to(device)
+
+
+def arm_spectrum(emb, arms):
+    """§4.4 on a path-star, without its N x N eigenproblem. Apart from L + 1 vectors equal on every
+    arm, the eigenvectors of D^-1 A + A D^-1 (`laplacian_eigs` adds -2I) are the L `arm_modes`
+    phi_k, each spread over the arms with weights that sum to 0 (d - 1 copies). Returns tensors
+    (mu, share, zigzag) on emb's device: mu[k] the eigenvalue of mode k, largest (smoothest) first;
+    share[k] the part of the centred ||E||_F^2 in its copies (differentiable in emb); zigzag the
+    share at mu < 0. The graph is bipartite, so the mode at -mu[k] is phi_k with every other sign
+    flipped: §4.4's negative eigendirections are zigzags. `arms`: root-to-leaf lists (or a tensor
+    of them) that share only the root."""
+    X = torch.as_tensor(emb).float()
+    A = X[torch.as_tensor(arms, device=X.device)[:, 1:]]  # (arms, L, C)
+    mu, phi = arm_modes(A.shape[1], X.device)
     coef = torch.einsum("lk,alc->akc", phi, A - A.mean(0))  # the part equal on every arm removed
     share = (coef ** 2).sum((0, 2)) / ((X - X.mean(0)) ** 2).sum()
-    return mu.tolist(), share.tolist()
+    return mu, share, (share * (mu < -1e-6)).sum()  # (a mask, not indexing: no sync on CUDA)
 
 
 def token_embeddings(model, num_nodes):

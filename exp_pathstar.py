@@ -96,6 +96,9 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
                    "Node2Vec model trained on the training edges (both scaled to the N(0, 0.02) norm)")
     m.add_argument("--aux-weight", type=float, default=0.0,
                    help="add this x the tied 1-hop Node2Vec loss of the node embeddings to every step")
+    m.add_argument("--zigzag-penalty", type=float, default=0.0,
+                   help="add this x the share of the node embeddings' energy in the path-star's arm modes "
+                   "at mu < 0 (zigzags, §4.4; common.arm_spectrum) to every step")
     m.add_argument("--freeze-embeddings", action="store_true",
                    help="keep the (tied) token embeddings at their init (App. E.1 control)")
     o = p.add_argument_group("optimization")
@@ -168,8 +171,8 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
               (args.weight_decay >= 0 and 0 <= args.dropout < 1, "bad --weight-decay or --dropout"),
               (not (args.no_paths and args.recipe == "staged"), "--no-paths has no path phase to stage"),
               (not (args.sweep and args.bench), "--bench times one configuration; drop --sweep"),
-              (args.spectral_k >= 0 and args.n2v_steps >= 1 and args.aux_weight >= 0,
-               "--spectral-k and --aux-weight must be >= 0, --n2v-steps >= 1"),
+              (min(args.spectral_k, args.aux_weight, args.zigzag_penalty) >= 0 and args.n2v_steps >= 1,
+               "--spectral-k, --aux-weight and --zigzag-penalty must be >= 0, --n2v-steps >= 1"),
               (getattr(args, "parallel", 1) >= 1, "--parallel must be >= 1"),
               (not args.seeds or len(set(args.seeds)) == len(args.seeds), "--seeds must be distinct"),
               (not (args.seeds and args.bench), "--bench times one configuration; drop --seeds"),
@@ -214,6 +217,11 @@ def task_data(graph, root, paths, train_paths, test_paths, edges, args, graph_ex
                 train_targets=targets, graph_extra=graph_extra or {})
 
 
+def is_path_star(data):
+    """Whether the arms meet only at the root (a path-star, not exp_treestar's tree): arm modes."""
+    return data["graph"].number_of_nodes() == 1 + sum(len(a) - 1 for a in data["arms"])
+
+
 def make_evaluate(data, args, device, measure=None):
     """Greedy decoding from `prompt start-node` (the start node is the root, or the leaf when
     reversed, and always known). Position 0 is scored from the prompt alone. `measure(split,
@@ -222,8 +230,7 @@ def make_evaluate(data, args, device, measure=None):
     if args.spectral_k > data["vocab"].num_nodes:
         die(f"--spectral-k must be at most the graph's {data['vocab'].num_nodes} nodes")
     basis = laplacian_eigs(data["graph"], k=args.spectral_k)[1] if args.spectral_k else None
-    # a path-star (not exp_treestar's tree): arms meet only at the root
-    disjoint_arms = data["graph"].number_of_nodes() == 1 + sum(len(a) - 1 for a in data["arms"])
+    star = is_path_star(data)
     splits = {}
     for split in ("test", "train"):
         arms = data[f"{split}_arms"]
@@ -252,9 +259,9 @@ def make_evaluate(data, args, device, measure=None):
             nav = navigation_score(emb, data["test_arms"], data["arms"], source=-1, target=-3)
             res["navigation_2hop_acc"], res["navigation_2hop_mean_rank"] = nav
         res["hop_cosine"], res["cross_arm_cosine"] = hop_cosine(emb, data["test_arms"])
-        if disjoint_arms:  # §4.4: the share of ||E||^2 in each arm mode; zigzags are those at mu < 0
-            mu, res["arm_mode_share"] = arm_spectrum(emb, data["arms"])
-            res["zigzag_share"] = sum(s for m, s in zip(mu, res["arm_mode_share"]) if m < -1e-9)
+        if star:  # §4.4: the share of ||E||^2 in each arm mode; zigzags are those at mu < 0
+            _, share, zigzag = arm_spectrum(emb, data["arms"])
+            res["arm_mode_share"], res["zigzag_share"] = share.tolist(), zigzag.item()
         E = emb.cpu().numpy()
         res["geometric_level"] = geometric_level(E, data["edges"])
         if basis is not None:
@@ -337,7 +344,7 @@ def write_outputs(out, args, data, model, history, wall, device):
         for mode, key in (("greedy decoding", "test_token_acc"), ("teacher-forced", "test_token_acc_tf"))],
         f"Per-position accuracy: {label}")
     modes = all("arm_mode_share" in h for h in history)  # a path-star, and not resumed from older code
-    mu = arm_spectrum(emb, data["arms"])[0] if modes else None  # the modes' eigenvalues, for the legend
+    mu = arm_spectrum(emb, data["arms"])[0].tolist() if modes else None  # eigenvalues, for the legend
     two_hops = all("navigation_2hop_acc" in h for h in history)  # (l >= 4, and not resumed from older code)
     up2 = lambda key, label: [(x, [h[key] for h in history], label)] if two_hops else []
     plot_panels(os.path.join(out, "geometry.png"), [
@@ -453,10 +460,16 @@ def run(args, device, data=None, measure=None):
     model = make_model(args, vocab.size).to(device)
     if args.init != "random":
         init_node_embeddings(model, data, args, device)
-    aux = None
-    if args.aux_weight:  # the Node2Vec objective on the node rows of the token embedding
-        targets, N = edge_targets(data, device), vocab.num_nodes
-        aux = lambda: args.aux_weight * node2vec_loss(model.wte.weight[:N], targets)
+    extra, N = [], vocab.num_nodes  # losses on the node rows of the token embedding
+    if args.aux_weight:  # the Node2Vec objective
+        targets = edge_targets(data, device)
+        extra.append(lambda: args.aux_weight * node2vec_loss(model.wte.weight[:N], targets))
+    if args.zigzag_penalty:  # §4.4's negative arm modes (beyond the paper: are zigzags the failure?)
+        if not is_path_star(data):
+            die("--zigzag-penalty needs a path-star: arm modes are not defined when arms share nodes")
+        arms = torch.tensor(data["arms"], device=device)
+        extra.append(lambda: args.zigzag_penalty * arm_spectrum(model.wte.weight[:N], arms)[2])
+    aux = (lambda: sum(loss() for loss in extra)) if extra else None
     phases = phases_for(data, args, device)
     compile, cuda_graph = step_modes(args, device)
     args.pack = pack_mode(args, device)  # resolved here, so metrics.json records what ran

@@ -222,12 +222,22 @@ def test_edges_only_reports_geometry(tmp_path):
     assert f["chance_navigation_mean_rank"] == 12.5
     # §4.4's arm modes, recorded from the embeddings the run saves
     arms = json.load(open(out / "graph.json"))["arms"]
-    mu, share = common.arm_spectrum(np.load(out / "embeddings.npy"), arms)
+    mu, share, _ = (x.tolist() for x in common.arm_spectrum(np.load(out / "embeddings.npy"), arms))
     assert len(share) == 3 and f["arm_mode_share"] == pytest.approx(share, abs=1e-6)  # a1, a2, leaf
     assert mu == pytest.approx([1.8028, 0.0, -1.8028], abs=1e-4)
     assert f["zigzag_share"] == pytest.approx(share[2], abs=1e-6)  # only the last mode is at mu < 0
     for fig in ("geometry.png", "embedding_heatmap.png"):
         assert figure_ok(out / fig)
+
+
+def test_zigzag_penalty_removes_zigzags(tmp_path):
+    """--zigzag-penalty adds the share of the node embeddings in the arm modes at mu < 0 to the loss:
+    on G(24, 4) 30 epochs at weight 10 leave a fraction of what the same run keeps without it
+    (measured: 0.020 against 0.192)."""
+    share = lambda w: exp_pathstar.main(TINY + ["--epochs", "30", "--eval-every", "30", "--zigzag-penalty", w,
+                                               "--out", str(tmp_path / w)])["history"][-1]["zigzag_share"]
+    plain, penalized = share("0"), share("10")
+    assert plain > 0.1 and penalized < 0.25 * plain
 
 
 def test_diverged_run_stops_with_one_line(tmp_path, capsys):
