@@ -101,6 +101,7 @@ def test_bench_writes_json(tmp_path, monkeypatch):
     (["--n", "abc"], "invalid int value"),
     (["--n", "3", "--train-frac", "0.1"], "empty split"),
     (["--aux-weight", "-1"], "--aux-weight must be >= 0"),
+    (["--zigzag-penalty", "-1"], "--zigzag-penalty must be >= 0"),
     (["--n2v-steps", "0"], "--n2v-steps >= 1"),
     (["--spectral-k", "100000"], "--spectral-k must be at most"),
     (["--model", "mamba", "--pack"], "--pack needs --model gpt"),
