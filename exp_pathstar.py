@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig, Phase, Vocab,
-                    add_adamw_flags, add_step_flags, arm_edges, arm_spectrum, autocast, benchmark,
+                    add_adamw_flags, add_step_flags, arm_edges, arm_modes, arm_spectrum, autocast, benchmark,
                     config_diff, curve_band, decode_answer, device_name, die, edge_group, edge_recall,
                     epochs_to, geometric_level, hop_cosine, in_processes, k_for_energy, laplacian_eigs,
                     navigation_score, neighbour_targets, node2vec_loss, one_seed, parse_with_presets,
@@ -345,7 +345,7 @@ def write_outputs(out, args, data, model, history, wall, device):
         for mode, key in (("greedy decoding", "test_token_acc"), ("teacher-forced", "test_token_acc_tf"))],
         f"Per-position accuracy: {label}")
     modes = all("arm_mode_share" in h for h in history)  # a path-star, and not resumed from older code
-    mu = arm_spectrum(emb, data["arms"])[0].tolist() if modes else None  # eigenvalues, for the legend
+    mu = arm_modes(len(data["arms"][0]) - 1)[0].tolist() if modes else None  # eigenvalues, for the legend
     two_hops = all("navigation_2hop_acc" in h for h in history)  # (l >= 4, and not resumed from older code)
     up2 = lambda key, label: [(x, [h[key] for h in history], label)] if two_hops else []
     plot_panels(os.path.join(out, "geometry.png"), [

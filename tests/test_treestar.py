@@ -68,7 +68,8 @@ def test_treestar_bad_branching(capsys):
 def test_treestar_zigzag_penalty_is_a_flag_error(tmp_path, capsys):
     """Arm modes need arms that meet only at the root; a tree's share nodes: one line, no traceback."""
     with pytest.raises(SystemExit) as e:
-        exp_treestar.main(["--quick", "--n", "6", "--epochs", "1", "--zigzag-penalty", "1", "--out", str(tmp_path)])
+        exp_treestar.main(["--quick", "--n", "6", "--epochs", "1", "--zigzag-penalty", "1",
+                           "--out", str(tmp_path)])
     err = [l for l in capsys.readouterr().err.replace("\r", "\n").splitlines() if "error" in l]
     assert e.value.code != 0 and len(err) == 1 and "--zigzag-penalty needs a path-star" in err[0]
 
