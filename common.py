@@ -47,6 +47,12 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
+try:  # CUDA builds of torch bring Triton (the short attention's kernel); without it nothing needs it
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 # ----------------------------------------------------------------------------- graphs
 
 
@@ -320,12 +326,15 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, mask=None):
         """mask: None (causal) or (B, 1, T, T), True where a position may attend (`Packing`)."""
         B, T, C = x.shape
+        if T <= self.SHORT and triton_runs(x) and not (self.training and self.dropout):
+            return self.resid_drop(self.proj(short_attention(self.qkv(x), mask, self.n_head)))
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
         if T > self.SHORT:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p)
         else:  # fused attention kernels tile 64-128 positions: at T = 2..8 (edges, path prompts)
-            # they were half of a G(5000, 5) step on an H200; the explicit T x T product is cheap
+            # they were half of a G(5000, 5) step on an H200; the explicit T x T product is cheap,
+            # and the reference of `short_attention`, which runs it on CUDA in one kernel
             mask = self.causal[:T, :T] if mask is None else mask
             att = (q @ k.transpose(-2, -1)) * k.shape[-1] ** -0.5
             att = F.dropout(att.masked_fill(~mask, float("-inf")).softmax(-1), p, self.training)
@@ -369,14 +378,24 @@ class TiedLM(nn.Module):
         at the end of its rows), so no mask and no host-device sync. With a `packing` (GPT only),
         idx holds several short rows per row and targets (n,) are those at packing.loss_index."""
         if targets is None:
-            return self.hidden(idx)[:, -1] @ self.wte.weight.T
+            return self.logits(self.hidden(idx)[:, -1])
         if packing is None:
             h = self.hidden(idx)[:, idx.shape[1] - targets.shape[1]:]
         else:
             h = self.hidden(idx, packing.positions, packing.mask)
             h = h.flatten(0, 1).index_select(0, packing.loss_index)
-        logits = h @ self.wte.weight.T
+        logits = self.logits(h)
         return logits, F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-1)
+
+    def logits(self, h, multiple=None):
+        """h (..., C) -> (..., V) = h @ wte^T, the weight padded with zero rows to a multiple of
+        `multiple` (default: 64 on CUDA, none on the CPU) and the logits cut back to V: the same
+        function, parameters and checkpoints. G(5000, 5) has V = 20,006 = 2 mod 8, which leaves
+        cuBLAS only its slow sm80 "align2" kernels for the head's products (nanoGPT pads GPT-2's
+        vocabulary to 50,304 for the same reason)."""
+        W = self.wte.weight
+        V, pad = len(W), -len(W) % (multiple or (64 if W.is_cuda else 1))
+        return (h @ (F.pad(W, (0, 0, 0, pad)) if pad else W).T)[..., :V]
 
 
 class GPT(TiedLM):
@@ -424,6 +443,122 @@ class GPT(TiedLM):
         for _ in range(n_new):
             idx = torch.cat([idx, self(idx).argmax(-1, keepdim=True)], 1)
         return idx[:, -n_new:]
+
+
+# ----------------------------------------------------------------------------- short attention kernel
+# On a GPU the explicit T x T attention of `CausalSelfAttention` (T <= 16) is still 5 launches
+# forward and 8 backward per layer (layout copies, two batched 8 x 8 matmuls, mask + softmax), each
+# moving q, k, v through memory. Here one Triton program per (row, head) reads its q, k, v (T x D)
+# straight from the qkv projection's output, keeps scores and softmax in fp32 registers and writes y
+# where the output projection reads it: one kernel forward, one backward (21% off a G(5000, 5) step
+# on an H200, docs/performance.md). The explicit product is its reference (tests/test_common.py).
+
+
+def triton_runs(x):
+    """Whether Triton runs on x's device: CUDA, or the CPU in Triton's interpreter (the tests)."""
+    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+if triton is not None:
+    @triton.jit
+    def _short_attention_fwd(qkv, mask, y, att, T, D, scale, H: tl.constexpr, CAUSAL: tl.constexpr,
+                             BT: tl.constexpr, BD: tl.constexpr):
+        pid = tl.program_id(0)  # one (row b, head h); qkv (B, T, 3, H, D), y (B, T, H, D)
+        b, h = pid // H, pid % H
+        C = H * D
+        t, d = tl.arange(0, BT), tl.arange(0, BD)  # T, D padded to powers of two
+        td, tt = (t < T)[:, None] & (d < D)[None, :], (t < T)[:, None] & (t < T)[None, :]
+        rows = qkv + b * T * 3 * C + h * D + t[:, None] * 3 * C + d[None, :]
+        q = tl.load(rows, mask=td, other=0.0).to(tl.float32)
+        k = tl.load(rows + C, mask=td, other=0.0).to(tl.float32)
+        v = tl.load(rows + 2 * C, mask=td, other=0.0).to(tl.float32)
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # (query, key)
+        if CAUSAL:
+            allowed = t[:, None] >= t[None, :]
+        else:
+            allowed = tl.load(mask + b * T * T + t[:, None] * T + t[None, :], mask=tt, other=0) != 0
+        allowed = (allowed & (t < T)[None, :]) | (t >= T)[:, None]  # padding queries: finite, not stored
+        s = tl.where(allowed, s, float("-inf"))
+        p = tl.exp(s - tl.max(s, axis=1)[:, None])
+        p = p / tl.sum(p, axis=1)[:, None]
+        out = tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # (query, D)
+        tl.store(y + b * T * C + h * D + t[:, None] * C + d[None, :], out.to(y.dtype.element_ty), mask=td)
+        tl.store(att + pid * T * T + t[:, None] * T + t[None, :], p, mask=tt)  # kept for the backward
+
+    @triton.jit
+    def _short_attention_bwd(qkv, att, dy, dqkv, T, D, scale, H: tl.constexpr, BT: tl.constexpr,
+                             BD: tl.constexpr):
+        pid = tl.program_id(0)
+        b, h = pid // H, pid % H
+        C = H * D
+        t, d = tl.arange(0, BT), tl.arange(0, BD)
+        td, tt = (t < T)[:, None] & (d < D)[None, :], (t < T)[:, None] & (t < T)[None, :]
+        at = b * T * 3 * C + h * D + t[:, None] * 3 * C + d[None, :]
+        q = tl.load(qkv + at, mask=td, other=0.0).to(tl.float32)
+        k = tl.load(qkv + at + C, mask=td, other=0.0).to(tl.float32)
+        v = tl.load(qkv + at + 2 * C, mask=td, other=0.0).to(tl.float32)
+        p = tl.load(att + pid * T * T + t[:, None] * T + t[None, :], mask=tt, other=0.0)
+        g = tl.load(dy + b * T * C + h * D + t[:, None] * C + d[None, :], mask=td, other=0.0).to(tl.float32)
+        dv = tl.sum(p[:, :, None] * g[:, None, :], axis=0)  # (key, D)
+        dp = tl.sum(g[:, None, :] * v[None, :, :], axis=2)  # (query, key)
+        ds = p * (dp - tl.sum(dp * p, axis=1)[:, None]) * scale  # softmax backward
+        dq = tl.sum(ds[:, :, None] * k[None, :, :], axis=1)
+        dk = tl.sum(ds[:, :, None] * q[:, None, :], axis=0)
+        out = dqkv.dtype.element_ty
+        tl.store(dqkv + at, dq.to(out), mask=td)
+        tl.store(dqkv + at + C, dk.to(out), mask=td)
+        tl.store(dqkv + at + 2 * C, dv.to(out), mask=td)
+
+    # custom ops: inductor and CUDA graphs see one opaque call each way, with shapes from the fakes
+    @torch.library.custom_op("geomem::short_attention", mutates_args=())
+    def _short_attention(qkv: torch.Tensor, mask: torch.Tensor, n_head: int,
+                         causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        y = qkv.new_empty(B, T, C)
+        att = qkv.new_empty(B * n_head, T, T, dtype=torch.float32)  # probabilities, for the backward
+        D = C // n_head
+        _short_attention_fwd[(B * n_head,)](qkv, mask, y, att, T, D, D ** -0.5, H=n_head, CAUSAL=causal,
+                                            BT=triton.next_power_of_2(T), BD=triton.next_power_of_2(D),
+                                            num_warps=2)
+        return y, att
+
+    @_short_attention.register_fake
+    def _(qkv, mask, n_head, causal):
+        B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        return qkv.new_empty(B, T, C), qkv.new_empty(B * n_head, T, T, dtype=torch.float32)
+
+    @torch.library.custom_op("geomem::short_attention_backward", mutates_args=())
+    def _short_attention_backward(qkv: torch.Tensor, att: torch.Tensor, dy: torch.Tensor,
+                                  n_head: int) -> torch.Tensor:
+        T, D = qkv.shape[1], qkv.shape[2] // 3 // n_head
+        dqkv = torch.empty_like(qkv)
+        _short_attention_bwd[(qkv.shape[0] * n_head,)](qkv, att, dy.contiguous(), dqkv, T, D, D ** -0.5,
+                                                       H=n_head, BT=triton.next_power_of_2(T),
+                                                       BD=triton.next_power_of_2(D), num_warps=2)
+        return dqkv
+
+    @_short_attention_backward.register_fake
+    def _(qkv, att, dy, n_head):
+        return torch.empty_like(qkv)
+
+    def _save_for_backward(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output[1])
+        ctx.n_head = inputs[2]
+
+    def _backward(ctx, dy, d_att):
+        qkv, att = ctx.saved_tensors
+        return _short_attention_backward(qkv, att, dy, ctx.n_head), None, None, None
+
+    _short_attention.register_autograd(_backward, setup_context=_save_for_backward)
+
+
+def short_attention(qkv, mask, n_head):
+    """The attention of `CausalSelfAttention` (without dropout) in Triton, for T <= 16: qkv (B, T, 3C)
+    as the projection writes it; mask None (causal) or (B, 1, T, T) bool -> y (B, T, C)."""
+    B, T = qkv.shape[:2]
+    causal = mask is None
+    mask = qkv if causal else mask.expand(B, 1, T, T).contiguous()  # causal: a pointer never read
+    return _short_attention(qkv.contiguous(), mask, n_head, causal)[0]
 
 
 # ----------------------------------------------------------------------------- Mamba
@@ -887,13 +1022,48 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda"))
 
 
-def train_step(forward, params, opt, batch, grad_clip, stats, aux=None):
+class Bf16Weights:
+    """Under bf16 autocast every Linear weight and bias is cast to bf16 in each forward and its
+    gradient back to fp32 in the backward: two kernels per tensor (97 in GPT-mid) per step. Instead
+    a step can keep bf16 copies of them as the forward's leaves (`torch.func.functional_call`;
+    autocast leaves bf16 inputs alone), copy their gradients into the fp32 masters' .grad in one
+    kernel before clipping and AdamW, and refresh the copies in one after: the same bf16 operands,
+    gradients and fp32 update as autocast's, without the casts. The model, its optimizer and its
+    checkpoints stay fp32."""
+
+    def __init__(self, model):
+        linear = {id(p) for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
+        named = [(n, p) for n, p in model.named_parameters() if id(p) in linear and p.requires_grad]
+        self.masters = [p for _, p in named]
+        self.copies = {n: p.detach().to(torch.bfloat16).requires_grad_() for n, p in named}
+        self.grads = [torch.zeros_like(p) for p in self.masters]  # the masters' .grad, fixed buffers
+
+    def zero_grad(self):
+        for w in self.copies.values():
+            w.grad = None
+
+    def grads_to_masters(self):
+        torch._foreach_copy_(self.grads, [w.grad for w in self.copies.values()])
+        for p, g in zip(self.masters, self.grads):
+            if p.grad is not None:  # an `aux` loss reached the master itself
+                g += p.grad
+            p.grad = g
+
+    @torch.no_grad()
+    def refresh(self):
+        torch._foreach_copy_(list(self.copies.values()), self.masters)
+
+
+def train_step(forward, params, opt, batch, grad_clip, stats, aux=None, weights=None):
     """One AdamW step on a batch (a list of (X, Y) groups, Y cut by `loss_tail`); the loss is
     the mean over every loss token of the batch, plus `aux()` if given (an extra loss on the
     weights, e.g. exp_pathstar's --aux-weight). No host-device sync: counts stay on the device
     and (loss sum, correct, tokens) are added to `stats` in place, so the whole step can be
-    replayed from a CUDA graph. `forward` is the model or its compiled version."""
+    replayed from a CUDA graph. `forward` is the model or its compiled version; with `weights`
+    (`Bf16Weights`) it runs on their bf16 copies."""
     opt.zero_grad(set_to_none=True)
+    if weights:
+        weights.zero_grad()
     loss_sum, correct, count = 0.0, 0, 0
     for X, Y in batch:
         with autocast(X.device):
@@ -903,9 +1073,13 @@ def train_step(forward, params, opt, batch, grad_clip, stats, aux=None):
         correct = correct + (logits.argmax(-1) == Y).sum()  # Y = -1 never equals an argmax
         count = count + n
     ((loss_sum / count) + (aux() if aux else 0)).backward()
+    if weights:
+        weights.grads_to_masters()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     opt.step()
+    if weights:
+        weights.refresh()
     with torch.no_grad():
         stats += torch.stack([loss_sum.detach(), correct.float(), count.float()])
 
@@ -918,16 +1092,20 @@ class Stepper:
       cuda_graph     the whole step (forward, backward, clipping, AdamW) captured once in a CUDA
                      graph and replayed: a step is then a few row gathers into static buffers and
                      one launch;
-      packing        (a `Packing`, any mode) the groups' rows packed into one forward.
+      packing        (a `Packing`, any mode) the groups' rows packed into one forward;
+      bf16_weights   (default: on CUDA, where autocast is bf16) the forward on `Bf16Weights`.
     With a CUDA graph the first `warmup` steps run on a side stream, as capture needs; they are
     ordinary training steps, so every mode trains the same steps."""
 
     def __init__(self, model, opt, groups, grad_clip, compile=False, cuda_graph=False, warmup=3, aux=None,
-                 packing=None):
+                 packing=None, bf16_weights=None):
         self.model, self.opt, self.groups, self.grad_clip, self.aux = model, opt, groups, grad_clip, aux
         self.packing = packing
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.forward = torch.compile(model, dynamic=False) if compile else model
+        cuda = groups[0][0].is_cuda
+        self.weights = Bf16Weights(model) if (cuda if bf16_weights is None else bf16_weights) else None
+        self.compiled = compile
+        self.forward = self.make_forward(compile, cuda)
         if compile:  # inductor's note that it splits a long softmax (the loss over a 20,006-token
             # vocabulary): 3 x 7 lines at the start of every GPU run, nothing to act on
             warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled")
@@ -953,22 +1131,33 @@ class Stepper:
             self._eager(rows)
         self.steps += 1
 
+    def make_forward(self, compile, cuda):
+        """The model, or its forward on the bf16 copies; compiled if asked, with inductor's combo
+        kernels on CUDA (small independent kernels side by side in one launch: 842 -> 622 kernels
+        and 9% off a G(5000, 5) step on an H200)."""
+        forward, weights = self.model, self.weights
+        if weights:
+            forward = lambda copies, *a, **k: torch.func.functional_call(self.model, copies, a, k)
+        if compile:
+            forward = torch.compile(forward, dynamic=False, options={"combo_kernels": True} if cuda else None)
+        return functools.partial(forward, weights.copies) if weights else forward
+
     def _step(self, batch):
         forward, packing = self.forward, self.packing
         if packing is not None:
             forward, batch = functools.partial(forward, packing=packing), packing(batch)
-        train_step(forward, self.params, self.opt, batch, self.grad_clip, self.stats, self.aux)
+        train_step(forward, self.params, self.opt, batch, self.grad_clip, self.stats, self.aux, self.weights)
 
     def _eager(self, rows):
         try:
             self._step(take(self.groups, rows))
         except Exception as e:
-            if self.forward is self.model or self.steps > 0:
+            if not self.compiled or self.steps > 0:
                 raise
             # compiling fails on the first call, before any update: train on with the eager model
             print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                   f"training without it", file=sys.stderr)
-            self.forward = self.model
+            self.compiled, self.forward = False, self.make_forward(False, False)
             self._eager(rows)
 
     def _capture(self, rows):

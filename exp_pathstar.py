@@ -279,7 +279,7 @@ def teacher_forced_acc(model, prompts, targets, device, chunk=1024):
         p, t = prompts[i: i + chunk].to(device), targets[i: i + chunk].to(device)
         with autocast(device):
             h = model.hidden(torch.cat([p, t[:, :-1]], 1))[:, p.shape[1] - 1:]
-            pred = (h @ model.wte.weight.T).argmax(-1)
+            pred = model.logits(h).argmax(-1)
         hits += (pred == t).float().sum(0).cpu()
     return hits / len(prompts)
 

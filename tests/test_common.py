@@ -1,4 +1,7 @@
 import itertools
+import os
+import subprocess
+import sys
 
 import networkx as nx
 import numpy as np
@@ -6,6 +9,10 @@ import pytest
 import torch
 
 from torch.utils._python_dispatch import TorchDispatchMode
+
+import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from common import (GPT, CausalSelfAttention, GPTConfig, GroupSampler, Packing, Phase, Stepper, Vocab,
                     adjacency, arm_edges, arm_spectrum, cosine_matrix, curve_band, decode_answer, edge_group,
@@ -403,7 +410,8 @@ def test_old_style_step_would_be_caught():
     assert "aten._local_scalar_dense" in recorder.ops and any(op.endswith("[bool]") for op in recorder.ops)
 
 
-def train_losses(compile, steps=6, state=None, pack=False, batch_size=16, heads=True, **model_kw):
+def train_losses(compile, steps=6, state=None, pack=False, batch_size=16, heads=True, bf16_weights=None,
+                 aux_of=None, **model_kw):
     vocab, groups = tiny_task()
     model = tiny_gpt(vocab_size=vocab.size, **model_kw)
     if state:
@@ -416,7 +424,8 @@ def train_losses(compile, steps=6, state=None, pack=False, batch_size=16, heads=
         if not heads:
             shapes = [(n, X.shape[1], Y.shape[1]) for (X, Y), n in zip(groups, sampler.shares)]
             packing = Packing(shapes, "cpu")
-    step = Stepper(model, opt, groups, 1.0, compile=compile, packing=packing)
+    step = Stepper(model, opt, groups, 1.0, compile=compile, packing=packing, bf16_weights=bf16_weights,
+                   aux=aux_of and aux_of(model))
     losses = []
     for rows in itertools.islice(forever(sampler), steps):
         step(rows)
@@ -434,6 +443,83 @@ def test_compiled_step_matches_eager():
     assert not any("_orig_mod" in k for k in model.state_dict())
     resumed, _ = train_losses(compile=False, steps=1, state=model.state_dict())
     assert resumed[0] < eager[0]
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_bf16_weights_step_matches_autocast(monkeypatch, compile):
+    """The CUDA step's bf16 weight copies (`Bf16Weights`) do autocast's arithmetic without its
+    casts: under bf16 autocast on the CPU, the same losses and weights as the plain step, packed,
+    with an aux loss on a Linear weight (added to the copies' gradient) and on the embedding."""
+    monkeypatch.setattr(common, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    aux_of = lambda m: lambda: 0.1 * m.blocks[0].mlp.fc.weight.square().sum() + m.wte.weight.square().mean()
+    runs = [train_losses(compile, pack=True, bf16_weights=w16, aux_of=aux_of) for w16 in (False, True)]
+    (plain, plain_model), (w16, w16_model) = runs
+    assert plain[-1] < plain[0]  # it trains
+    assert w16 == pytest.approx(plain, abs=1e-6)
+    for a, b in zip(plain_model.parameters(), w16_model.parameters()):
+        assert a.dtype == b.dtype == torch.float32 and torch.allclose(a, b, atol=1e-6)
+    without_aux, _ = train_losses(compile, steps=2, pack=True, bf16_weights=True)
+    assert without_aux[1] != pytest.approx(w16[1], abs=1e-6)  # the aux loss reached the weights
+
+
+def test_padded_logits_known_answer():
+    """The head's product with the vocabulary padded to a multiple of 64 (on CUDA) is h @ wte^T,
+    values and gradients."""
+    model = tiny_gpt(vocab_size=37)
+    h = torch.randn(3, 5, 16, requires_grad=True)
+    out = {m: model.logits(h, multiple=m) for m in (1, 64)}
+    assert out[64].shape == (3, 5, 37)
+    assert torch.equal(out[1], h @ model.wte.weight.T)
+    assert torch.allclose(out[64], out[1], atol=1e-6)
+    g = torch.randn(3, 5, 37)
+    grads = {m: torch.autograd.grad(out[m], [h, model.wte.weight], g) for m in (1, 64)}
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[1], grads[64]))
+
+
+SHORT_ATTENTION_CHECK = """
+import os, torch, common
+from common import GPT, GPTConfig, GroupSampler, Packing, forever
+from test_common import tiny_task
+
+def both(fn):  # fn() with the Triton kernel (interpreted on the CPU), then with the explicit attention
+    out = fn()
+    os.environ["TRITON_INTERPRET"] = "0"
+    ref = fn()
+    os.environ["TRITON_INTERPRET"] = "1"
+    return out, ref
+
+torch.manual_seed(0)
+for T, C, H in [(8, 16, 2), (5, 24, 4), (16, 32, 8)]:  # D = 8, 6, 4; T and D padded inside
+    attn = common.CausalSelfAttention(GPTConfig(vocab_size=5, block_size=16, n_head=H, n_embd=C))
+    x, g = torch.randn(3, T, C, requires_grad=True), torch.randn(3, T, C)
+    for compile in (False, True):
+        f = torch.compile(attn) if compile else attn
+        (y, gx), (y_ref, gx_ref) = both(lambda: (lambda y: (y, torch.autograd.grad(y, x, g)[0]))(f(x)))
+        assert (y - y_ref).abs().max() < 1e-6 and (gx - gx_ref).abs().max() < 1e-6, (T, C, H, compile)
+
+vocab, groups = tiny_task()  # a packed step: block-diagonal mask with shared heads
+sampler = GroupSampler(groups, 16, torch.Generator().manual_seed(0))
+torch.manual_seed(0)
+model = GPT(GPTConfig(vocab_size=vocab.size, block_size=16, n_layer=2, n_head=2, n_embd=16))
+packing = Packing.for_sampler(sampler, model)
+[(X, Y)] = packing(common.take(groups, next(forever(sampler))))
+def loss_and_grads():
+    _, loss = model(X, Y, packing)
+    return [loss] + list(torch.autograd.grad(loss, list(model.parameters())))
+out, ref = both(loss_and_grads)
+assert all((a - b).abs().max() < 1e-6 for a, b in zip(out, ref))
+print("ok")
+"""
+
+
+def test_short_attention_kernel_matches_explicit_attention():
+    """The Triton attention (CUDA's path for T <= 16) equals the explicit attention, values and
+    gradients, causal and packed, eager and compiled: run by Triton's interpreter on the CPU."""
+    pytest.importorskip("triton")
+    path = os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])
+    done = subprocess.run([sys.executable, "-c", SHORT_ATTENTION_CHECK], capture_output=True, text=True,
+                          env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path), timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 def test_packing_layout_known_answer():
