@@ -1846,7 +1846,8 @@ def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes
     peak = peak_matmul_flops(device)
     res = {"device": device_name(device), "batch_size": batch_size, "steps_per_epoch": sampler.steps_per_epoch,
            "flops_per_step": flops, "peak_flops_per_s": peak, "timed_steps": steps,
-           "torch_threads": torch.get_num_threads(), "modes": {}}
+           "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+           "triton": triton.__version__ if triton is not None else None, "modes": {}}
     for name, compile, cuda_graph, packed in modes or bench_modes(device, pack):
         model.load_state_dict(init)
         model.train()
@@ -1881,6 +1882,7 @@ def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes
             "top_ops": ops[:12], "ops": ops,
             "aten_ops_per_step": None if compile or cuda_graph else counter.ops,
             "cuda_graph": step.graph is not None, "packed": packed,
+            "triton_attention": triton_runs(sampler.groups[0][0]), "bf16_weights": step.weights is not None,
             "peak_memory_gib": peak_memory_gib(device),
             "projected_train_minutes": dt * sampler.steps_per_epoch * epochs / 60, "epochs": epochs}
         if report:

@@ -68,6 +68,8 @@ def test_bench_writes_json(tmp_path, monkeypatch):
     assert b["peak_flops_per_s"] == 3e9
     assert set(b["modes"]) == {"eager", "compiled", "eager+packed", "compiled+packed"}  # no CUDA graphs here
     assert [m["packed"] for m in b["modes"].values()] == [False, False, True, True]
+    assert b["torch"] == torch.__version__  # the CUDA-only fast paths are off on the CPU, and say so
+    assert not any(m["triton_attention"] or m["bf16_weights"] for m in b["modes"].values())
     # G(24, 4): 144 edge examples (both directions) and 18 training leaves; batch 256 holds all
     assert b["steps_per_epoch"] == 1 and b["batch_size"] == 256
     model = exp_pathstar.make_model(argparse.Namespace(**b["config"]), 24 * 3 + 1 + 5)
