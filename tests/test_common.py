@@ -497,6 +497,10 @@ for T, C, H in [(8, 16, 2), (5, 24, 4), (16, 32, 8)]:  # D = 8, 6, 4; T and D pa
         (y, gx), (y_ref, gx_ref) = both(lambda: (lambda y: (y, torch.autograd.grad(y, x, g)[0]))(f(x)))
         assert (y - y_ref).abs().max() < 1e-6 and (gx - gx_ref).abs().max() < 1e-6, (T, C, H, compile)
 
+# --bench reports the kernel from the ops a step ran (bench.json's triton_attention)
+ops = common.profile_step(lambda: attn(x).sum().backward(), "cpu")[3]
+assert any(op == "geomem::short_attention" for op, _, _ in ops), [op for op, _, _ in ops][:20]
+
 vocab, groups = tiny_task()  # a packed step: block-diagonal mask with shared heads
 sampler = GroupSampler(groups, 16, torch.Generator().manual_seed(0))
 torch.manual_seed(0)
