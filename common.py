@@ -1397,7 +1397,7 @@ def spectral_share(E, V):
     return float(((Q.T @ E) ** 2).sum() / (E ** 2).sum())
 
 
-def navigation_score(emb, arms, all_arms, source=-1, target=1):
+def navigation_score(emb, arms, all_arms, source=-1, target=1, readout=None):
     """§2.4 geometry score: for the leaf of each root-to-leaf path in `arms`, rank the root's
     children (the distinct first nodes of `all_arms`) by cosine similarity to the leaf's
     embedding. Returns the top-1 rate (the leaf points at its own first node; chance 1/d) and
@@ -1405,15 +1405,33 @@ def navigation_score(emb, arms, all_arms, source=-1, target=1):
     as similar as the own one ranks above it, a non-finite row ranks last. Runs on emb's device.
     `source`, `target`: the path positions compared (default: the leaf, -1, against first nodes,
     1); (-1, -3) ranks the node two hops above each leaf among those of every arm: the pair a
-    zigzag arm (§4.4, `hop_cosine`) stores and (-1, 1) misses."""
+    zigzag arm (§4.4, `hop_cosine`) stores and (-1, 1) misses. `readout` (C, C), if given, maps
+    the leaves' embeddings before the cosine (`linear_navigation`)."""
     emb = torch.as_tensor(emb).float()
     children = sorted({a[target] for a in all_arms})
     column = {c: i for i, c in enumerate(children)}
     own = torch.tensor([column[arm[target]] for arm in arms], device=emb.device)
-    sim = cosine_matrix(emb[[a[source] for a in arms]], emb[children])
+    sources = emb[[a[source] for a in arms]]
+    sim = cosine_matrix(sources if readout is None else sources @ readout.to(sources), emb[children])
     rank = (sim >= sim.gather(1, own[:, None])).sum(1).float()
     rank = torch.where(torch.isfinite(sim).all(1), rank, float(len(children)))
     return (rank == 1).float().mean().item(), rank.mean().item()
+
+
+def linear_navigation(emb, train_arms, test_arms, all_arms, source=-1, target=1, ridge=1e-3):
+    """`navigation_score` of the held-out arms through one linear map W fitted on the training
+    arms: least squares E[leaf] W ~ E[first node] over `train_arms` (ridge: `ridge` x the mean
+    eigenvalue of the leaves' X^T X), then each held-out leaf's E[leaf] W ranked against every
+    first node by cosine. What a model's layers could read and cosine cannot: a map that rotates
+    or flips the leaf (a §4.4 zigzag turns the leaf away from its first node). Fitted on trained
+    arms only, it scores the held-out ones only if their edges alone put them in the same
+    geometry. Returns (top-1, mean rank) as `navigation_score`."""
+    E = torch.as_tensor(emb).double()
+    X, Y = E[[a[source] for a in train_arms]], E[[a[target] for a in train_arms]]
+    G = X.T @ X
+    shrink = ridge * G.trace() / len(G) + torch.finfo(G.dtype).tiny  # never singular
+    W = torch.linalg.solve(G + shrink * torch.eye(len(G), dtype=G.dtype, device=G.device), X.T @ Y)
+    return navigation_score(E, test_arms, all_arms, source, target, readout=W)
 
 
 def hop_cosine(emb, arms):

@@ -20,11 +20,11 @@ from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Nod
                     add_adamw_flags, add_step_flags, arm_edges, arm_modes, arm_spectrum, autocast, benchmark,
                     config_diff, curve_band, decode_answer, device_name, die, edge_group, edge_recall,
                     epochs_to, geometric_level, hop_cosine, in_processes, k_for_energy, laplacian_eigs,
-                    navigation_score, neighbour_targets, node2vec_loss, one_seed, parse_with_presets,
-                    path_group, path_prompts, path_star, path_targets, peak_memory_gib, pick_device,
-                    plot_cosine_heatmap, plot_curves, plot_panels, prepare_out, preset_help, seed_everything,
-                    spectral_energy, spectral_share, split_arms, spread, step_modes, token_embeddings, train,
-                    train_node2vec, write_json, write_spread_csv)
+                    linear_navigation, navigation_score, neighbour_targets, node2vec_loss, one_seed,
+                    parse_with_presets, path_group, path_prompts, path_star, path_targets, peak_memory_gib,
+                    pick_device, plot_cosine_heatmap, plot_curves, plot_panels, prepare_out, preset_help,
+                    seed_everything, spectral_energy, spectral_share, split_arms, spread, step_modes,
+                    token_embeddings, train, train_node2vec, write_json, write_spread_csv)
 
 # CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (docs/notes.md).
 # It keeps nanoGPT's AdamW (betas 0.95, clipping at 1, no decay on biases and norms): over seeds 0-2
@@ -259,6 +259,9 @@ def make_evaluate(data, args, device, measure=None):
         if args.l >= 4:  # leaf -> the node two hops above it: what a zigzag arm stores (§4.4)
             nav = navigation_score(emb, data["test_arms"], data["arms"], source=-1, target=-3)
             res["navigation_2hop_acc"], res["navigation_2hop_mean_rank"] = nav
+        if data["train_arms"] and data["test_arms"]:  # through a map fitted on the training arms
+            nav = linear_navigation(emb, data["train_arms"], data["test_arms"], data["arms"])
+            res["linear_navigation_acc"], res["linear_navigation_mean_rank"] = nav
         res["hop_cosine"], res["cross_arm_cosine"] = hop_cosine(emb, data["test_arms"])
         if star:  # §4.4: the share of ||E||^2 in each arm mode; zigzags are those at mu < 0
             _, share, zigzag = arm_spectrum(emb, data["arms"])
@@ -346,16 +349,19 @@ def write_outputs(out, args, data, model, history, wall, device):
         f"Per-position accuracy: {label}")
     modes = all("arm_mode_share" in h for h in history)  # a path-star, and not resumed from older code
     mu = arm_modes(len(data["arms"][0]) - 1)[0].tolist() if modes else None  # eigenvalues, for the legend
-    two_hops = all("navigation_2hop_acc" in h for h in history)  # (l >= 4, and not resumed from older code)
-    up2 = lambda key, label: [(x, [h[key] for h in history], label)] if two_hops else []
+    # a curve some runs lack (l < 4: no 2 hops; no training arms; resumed from older code) is left out
+    if_any = lambda key, label: ([(x, [h[key] for h in history], label)]
+                                 if all(key in h for h in history) else [])
     plot_panels(os.path.join(out, "geometry.png"), [
         ("held-out leaves", "accuracy",
          [(x, [h["test_first_token_acc"] for h in history], "first-token accuracy"),
           (x, [h["navigation_acc"] for h in history], "navigation (top-1): leaf -> first node")]
-         + up2("navigation_2hop_acc", "leaf -> node 2 hops up (top-1)"), chance),
+         + if_any("navigation_2hop_acc", "leaf -> node 2 hops up (top-1)")
+         + if_any("linear_navigation_acc", "leaf -> first node through a linear map (top-1)"), chance),
         ("rank of the leaf's own node among all arms'", "mean rank (1 = best)",
          [(x, [h["navigation_mean_rank"] for h in history], "first node")]
-         + up2("navigation_2hop_mean_rank", "node 2 hops up"), (args.n + 1) / 2)]
+         + if_any("navigation_2hop_mean_rank", "node 2 hops up")
+         + if_any("linear_navigation_mean_rank", "first node, linear map"), (args.n + 1) / 2)]
         + ([("held-out arms: cosine of two nodes", "mean cosine similarity",
              [(x, [h["hop_cosine"][i] for h in history], f"{i + 1} hop{'s' * (i > 0)} apart")
               for i in range(len(history[-1]["hop_cosine"]))]
@@ -515,6 +521,7 @@ def run(args, device, data=None, measure=None):
 
 
 SUMMARY_KEYS = ["test_first_token_acc", "test_path_acc", "navigation_acc", "navigation_mean_rank",
+                "linear_navigation_acc",
                 "chance_first_token", "peak_test_first_token_acc", "peak_test_path_acc",
                 "epochs_to_50", "epochs_to_90", "train_first_token_acc", "train_path_acc", "edge_acc",
                 "geometric_level", "spectral_share", "zigzag_share", "wall_time_s"]
@@ -638,7 +645,9 @@ def run_seeds(args, device, task=None):
         hist = {f"mean of {len(seeds)} seeds": [per_seed[s]["history"] for s in seeds]}
     keys = [("test_first_token_acc", "held-out first token"), ("test_path_acc", "held-out full path"),
             ("navigation_acc", "navigation (top-1)"),
-            ("navigation_2hop_acc", "leaf -> node 2 hops up (top-1)"), ("edge_acc", "edges memorized"),
+            ("navigation_2hop_acc", "leaf -> node 2 hops up (top-1)"),
+            ("linear_navigation_acc", "leaf -> first node through a linear map (top-1)"),
+            ("edge_acc", "edges memorized"),
             ("zigzag_share", "zigzag share: ||E||^2 in arm modes at μ < 0 (§4.4)")]
     if args.first_token_only or args.no_paths:
         keys = [k for k in keys if "path" not in k[0]]
@@ -658,7 +667,8 @@ def run_seeds(args, device, task=None):
     band_line = lambda name, epochs, mean, band: (epochs, mean, name, band)
     ref_line = lambda key, lines: [(lines[0][0], [reference[key]] * len(lines[0][0]),
                                     "Node2Vec, edges only")] if key in reference else []
-    panels, one_in_n = [], ("test_first_token_acc", "navigation_acc", "navigation_2hop_acc")  # chance 1/n
+    panels, one_in_n = [], ("test_first_token_acc", "navigation_acc", "navigation_2hop_acc",
+                            "linear_navigation_acc")  # chance 1/n
     for key, label in keys:
         lines = [band_line(name, *curve_band(h, key)) for name, h in hist.items()]
         chance = 1.0 / args.n if key in one_in_n else None

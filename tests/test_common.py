@@ -17,9 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from common import (GPT, CausalSelfAttention, GPTConfig, GroupSampler, Packing, Phase, Stepper, Vocab,
                     adjacency, arm_edges, arm_spectrum, cosine_matrix, curve_band, decode_answer, edge_group,
                     edge_recall, forever, greedy_decode, grid_graph, hop_cosine, laplacian_eigs, loss_tail,
-                    lr_at, make_optimizer, navigation_score, path_group, path_prompts, path_star,
-                    path_targets, set_lr, spectral_energy, split_arms, summary_markdown, tiny_graph,
-                    top_k_hits, train)
+                    linear_navigation, lr_at, make_optimizer, navigation_score, path_group, path_prompts,
+                    path_star, path_targets, set_lr, spectral_energy, split_arms, summary_markdown,
+                    tiny_graph, top_k_hits, train)
 
 
 @pytest.mark.parametrize("d,l", [(1, 2), (3, 5), (50, 4), (7, 10)])
@@ -263,6 +263,28 @@ def test_navigation_score_known_answers():
     for i, arm in enumerate(arms):  # leaf i now leans to arm i+1's axis: own first node ranks 2nd
         emb[arm[-1]] = eye[(i + 1) % 5] + 0.1 * eye[i]
     assert navigation_score(emb, arms, arms) == (0.0, 2.0)
+
+
+def test_linear_navigation_known_answers():
+    """Leaves stored as their first node turned around (leaf = -a1 R, R a rotation): cosine ranks
+    the own first node last when R = I, one linear map fitted on the 6 training arms finds every
+    held-out one; held-out leaves that point at each other's first node are all missed."""
+    _, _, arms = path_star(8, 4, seed=0)  # 8 arms: root, a1, a2, leaf
+    train, test = arms[:6], arms[6:]
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(1 + 8 * 3, 4, generator=g)
+    R = torch.linalg.qr(torch.randn(4, 4, generator=g))[0]
+    for rotation, ranked_last in ((torch.eye(4), (0.0, 8.0)), (R, None)):
+        for arm in arms:
+            emb[arm[-1]] = -emb[arm[1]] @ rotation
+        if ranked_last:
+            assert navigation_score(emb, test, arms) == ranked_last
+        assert linear_navigation(emb, train, test, arms) == (1.0, 1.0)
+    for arm, other in zip(test, test[::-1]):  # the two held-out leaves swap first nodes
+        emb[arm[-1]] = -emb[other[1]] @ R
+    assert linear_navigation(emb, train, test, arms)[0] == 0.0
+    # the fit sees the training arms only: their own leaves are found whatever the held-out ones do
+    assert linear_navigation(emb, train, train, arms) == (1.0, 1.0)
 
 
 def test_hop_cosine_known_answers():

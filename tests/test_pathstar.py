@@ -229,6 +229,12 @@ def test_edges_only_reports_geometry(tmp_path):
     assert len(share) == 3 and f["arm_mode_share"] == pytest.approx(share, abs=1e-6)  # a1, a2, leaf
     assert mu == pytest.approx([1.8028, 0.0, -1.8028], abs=1e-4)
     assert f["zigzag_share"] == pytest.approx(share[2], abs=1e-6)  # only the last mode is at mu < 0
+    # the linear map is fitted on the training arms (no paths trained: the split still exists)
+    g = json.load(open(out / "graph.json"))
+    by_leaf = {a[-1]: a for a in arms}
+    nav = common.linear_navigation(np.load(out / "embeddings.npy"), [by_leaf[x] for x in g["train_leaves"]],
+                                   [by_leaf[x] for x in g["test_leaves"]], arms)
+    assert (f["linear_navigation_acc"], f["linear_navigation_mean_rank"]) == pytest.approx(nav, abs=1e-6)
     for fig in ("geometry.png", "embedding_heatmap.png"):
         assert figure_ok(out / fig)
 
