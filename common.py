@@ -1473,11 +1473,33 @@ def arm_spectrum(emb, arms):
     flipped: §4.4's negative eigendirections are zigzags. `arms`: root-to-leaf lists (or a tensor
     of them) that share only the root."""
     X = torch.as_tensor(emb).float()
+    mu, parts = arm_parts(X, arms)
+    share = (parts ** 2).sum((0, 2)) / ((X - X.mean(0)) ** 2).sum()
+    return mu, share, (share * (mu < -1e-6)).sum()  # (a mask, not indexing: no sync on CUDA)
+
+
+def arm_parts(emb, arms):
+    """Each arm's embeddings in the arm modes: (mu (L,), parts (arms, L, C)), parts[a, k] the
+    coefficient of mode k on arm a after the part equal on every arm is removed, so that node j of
+    arm a is that common part plus sum_k phi[j, k] parts[a, k]."""
+    X = torch.as_tensor(emb).float()
     A = X[torch.as_tensor(arms, device=X.device)[:, 1:]]  # (arms, L, C)
     mu, phi = arm_modes(A.shape[1], X.device)
-    coef = torch.einsum("lk,alc->akc", phi, A - A.mean(0))  # the part equal on every arm removed
-    share = (coef ** 2).sum((0, 2)) / ((X - X.mean(0)) ** 2).sum()
-    return mu, share, (share * (mu < -1e-6)).sum()  # (a mask, not indexing: no sync on CUDA)
+    return mu, torch.einsum("lk,alc->akc", phi, A - A.mean(0))
+
+
+def zigzag_reflection(emb, arms):
+    """§4.4 on a path-star: the map I - 2P (C, C), P the projection on the directions where the
+    arms' most zigzag mode holds more of their energy than their smoothest. With the leaf an odd
+    number of hops below a1 (G(n, 5): 3) the smoothest mode weighs the two with one sign and the
+    most zigzag one with opposite signs, so an arm that keeps both modes in different directions
+    has its leaf turned away from its first node; reflecting the zigzag's directions turns it
+    back, with nothing fitted (`navigation_score`'s readout)."""
+    parts = arm_parts(emb, arms)[1].double()
+    zigzag_over_smooth = parts[:, -1].T @ parts[:, -1] - parts[:, 0].T @ parts[:, 0]
+    ev, V = torch.linalg.eigh(zigzag_over_smooth)
+    Z = V[:, ev > 0]
+    return torch.eye(len(ev), dtype=ev.dtype, device=ev.device) - 2 * Z @ Z.T
 
 
 def token_embeddings(model, num_nodes):

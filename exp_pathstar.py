@@ -24,7 +24,7 @@ from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Nod
                     parse_with_presets, path_group, path_prompts, path_star, path_targets, peak_memory_gib,
                     pick_device, plot_cosine_heatmap, plot_curves, plot_panels, prepare_out, preset_help,
                     seed_everything, spectral_energy, spectral_share, split_arms, spread, step_modes,
-                    token_embeddings, train, train_node2vec, write_json, write_spread_csv)
+                    token_embeddings, train, train_node2vec, write_json, write_spread_csv, zigzag_reflection)
 
 # CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (docs/notes.md).
 # It keeps nanoGPT's AdamW (betas 0.95, clipping at 1, no decay on biases and norms): over seeds 0-2
@@ -266,6 +266,10 @@ def make_evaluate(data, args, device, measure=None):
         if star:  # §4.4: the share of ||E||^2 in each arm mode; zigzags are those at mu < 0
             _, share, zigzag = arm_spectrum(emb, data["arms"])
             res["arm_mode_share"], res["zigzag_share"] = share.tolist(), zigzag.item()
+            # ... and the first nodes with the zigzag's directions reflected (nothing fitted)
+            turn_back = zigzag_reflection(emb, data["arms"])
+            nav = navigation_score(emb, data["test_arms"], data["arms"], readout=turn_back)
+            res["reflected_navigation_acc"], res["reflected_navigation_mean_rank"] = nav
         E = emb.cpu().numpy()
         res["geometric_level"] = geometric_level(E, data["edges"])
         if basis is not None:
@@ -357,11 +361,13 @@ def write_outputs(out, args, data, model, history, wall, device):
          [(x, [h["test_first_token_acc"] for h in history], "first-token accuracy"),
           (x, [h["navigation_acc"] for h in history], "navigation (top-1): leaf -> first node")]
          + if_any("navigation_2hop_acc", "leaf -> node 2 hops up (top-1)")
-         + if_any("linear_navigation_acc", "leaf -> first node through a linear map (top-1)"), chance),
+         + if_any("linear_navigation_acc", "leaf -> first node through a linear map (top-1)")
+         + if_any("reflected_navigation_acc", "leaf -> first node, zigzag reflected (top-1)"), chance),
         ("rank of the leaf's own node among all arms'", "mean rank (1 = best)",
          [(x, [h["navigation_mean_rank"] for h in history], "first node")]
          + if_any("navigation_2hop_mean_rank", "node 2 hops up")
-         + if_any("linear_navigation_mean_rank", "first node, linear map"), (args.n + 1) / 2)]
+         + if_any("linear_navigation_mean_rank", "first node, linear map")
+         + if_any("reflected_navigation_mean_rank", "first node, zigzag reflected"), (args.n + 1) / 2)]
         + ([("held-out arms: cosine of two nodes", "mean cosine similarity",
              [(x, [h["hop_cosine"][i] for h in history], f"{i + 1} hop{'s' * (i > 0)} apart")
               for i in range(len(history[-1]["hop_cosine"]))]
@@ -521,7 +527,7 @@ def run(args, device, data=None, measure=None):
 
 
 SUMMARY_KEYS = ["test_first_token_acc", "test_path_acc", "navigation_acc", "navigation_mean_rank",
-                "linear_navigation_acc",
+                "linear_navigation_acc", "reflected_navigation_acc",
                 "chance_first_token", "peak_test_first_token_acc", "peak_test_path_acc",
                 "epochs_to_50", "epochs_to_90", "train_first_token_acc", "train_path_acc", "edge_acc",
                 "geometric_level", "spectral_share", "zigzag_share", "wall_time_s"]
@@ -647,6 +653,7 @@ def run_seeds(args, device, task=None):
             ("navigation_acc", "navigation (top-1)"),
             ("navigation_2hop_acc", "leaf -> node 2 hops up (top-1)"),
             ("linear_navigation_acc", "leaf -> first node through a linear map (top-1)"),
+            ("reflected_navigation_acc", "leaf -> first node, zigzag reflected (top-1)"),
             ("edge_acc", "edges memorized"),
             ("zigzag_share", "zigzag share: ||E||^2 in arm modes at μ < 0 (§4.4)")]
     if args.first_token_only or args.no_paths:
@@ -668,7 +675,7 @@ def run_seeds(args, device, task=None):
     ref_line = lambda key, lines: [(lines[0][0], [reference[key]] * len(lines[0][0]),
                                     "Node2Vec, edges only")] if key in reference else []
     panels, one_in_n = [], ("test_first_token_acc", "navigation_acc", "navigation_2hop_acc",
-                            "linear_navigation_acc")  # chance 1/n
+                            "linear_navigation_acc", "reflected_navigation_acc")  # chance 1/n
     for key, label in keys:
         lines = [band_line(name, *curve_band(h, key)) for name, h in hist.items()]
         chance = 1.0 / args.n if key in one_in_n else None

@@ -15,11 +15,11 @@ import common
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from common import (GPT, CausalSelfAttention, GPTConfig, GroupSampler, Packing, Phase, Stepper, Vocab,
-                    adjacency, arm_edges, arm_spectrum, cosine_matrix, curve_band, decode_answer, edge_group,
-                    edge_recall, forever, greedy_decode, grid_graph, hop_cosine, laplacian_eigs, loss_tail,
-                    linear_navigation, lr_at, make_optimizer, navigation_score, path_group, path_prompts,
-                    path_star, path_targets, set_lr, spectral_energy, split_arms, summary_markdown,
-                    tiny_graph, top_k_hits, train)
+                    adjacency, arm_edges, arm_modes, arm_parts, arm_spectrum, cosine_matrix, curve_band,
+                    decode_answer, edge_group, edge_recall, forever, greedy_decode, grid_graph, hop_cosine,
+                    laplacian_eigs, loss_tail, linear_navigation, lr_at, make_optimizer, navigation_score,
+                    path_group, path_prompts, path_star, path_targets, set_lr, spectral_energy, split_arms,
+                    summary_markdown, tiny_graph, top_k_hits, train, zigzag_reflection)
 
 
 @pytest.mark.parametrize("d,l", [(1, 2), (3, 5), (50, 4), (7, 10)])
@@ -285,6 +285,38 @@ def test_linear_navigation_known_answers():
     assert linear_navigation(emb, train, test, arms)[0] == 0.0
     # the fit sees the training arms only: their own leaves are found whatever the held-out ones do
     assert linear_navigation(emb, train, train, arms) == (1.0, 1.0)
+
+
+def test_arm_parts_rebuild_the_arms():
+    """Node j of arm a = the part equal on every arm + sum_k phi[j, k] parts[a, k]."""
+    _, _, arms = path_star(5, 5, seed=0)
+    E = torch.randn(21, 6, generator=torch.Generator().manual_seed(0))
+    mu, parts = arm_parts(E, arms)
+    phi = arm_modes(4)[1]
+    A = E[torch.tensor(arms)[:, 1:]]
+    assert torch.allclose(A.mean(0) + torch.einsum("lk,akc->alc", phi, parts), A, atol=1e-5)
+    assert mu.tolist() == arm_modes(4)[0].tolist()
+
+
+def test_zigzag_reflection_known_answers():
+    """Each arm in the smoothest mode along its own axis and in the most zigzag mode, twice as
+    strong, along a second axis of its own: leaf and a1 get opposite signs there, so by cosine the
+    own first node ranks last among the 6 (the others are orthogonal). Reflecting the directions
+    where the zigzag outweighs the smooth part turns every leaf back onto its own first node."""
+    d = 6
+    _, _, arms = path_star(d, 5, seed=0)  # 4 nodes per arm: the leaf 3 hops below a1
+    phi = arm_modes(4)[1]
+    emb = torch.zeros(1 + 4 * d, 2 * d)
+    for i, arm in enumerate(arms):
+        emb[arm[1:], i] = phi[:, 0]
+        emb[arm[1:], d + i] = 2 * phi[:, -1]
+    assert navigation_score(emb, arms, arms) == (0.0, float(d))
+    W = zigzag_reflection(emb, arms)
+    assert torch.allclose(W @ W, torch.eye(2 * d, dtype=W.dtype), atol=1e-6)  # a reflection
+    assert navigation_score(emb, arms, arms, readout=W) == (1.0, 1.0)
+    smooth = emb.clone()
+    smooth[:, d:] = 0  # no zigzag: nothing to reflect
+    assert torch.allclose(zigzag_reflection(smooth, arms), torch.eye(2 * d, dtype=W.dtype))
 
 
 def test_hop_cosine_known_answers():

@@ -235,6 +235,10 @@ def test_edges_only_reports_geometry(tmp_path):
     nav = common.linear_navigation(np.load(out / "embeddings.npy"), [by_leaf[x] for x in g["train_leaves"]],
                                    [by_leaf[x] for x in g["test_leaves"]], arms)
     assert (f["linear_navigation_acc"], f["linear_navigation_mean_rank"]) == pytest.approx(nav, abs=1e-6)
+    emb, held = np.load(out / "embeddings.npy"), [by_leaf[x] for x in g["test_leaves"]]
+    nav = common.navigation_score(emb, held, arms, readout=common.zigzag_reflection(emb, arms))
+    reflected = (f["reflected_navigation_acc"], f["reflected_navigation_mean_rank"])
+    assert reflected == pytest.approx(nav, abs=1e-6)
     for fig in ("geometry.png", "embedding_heatmap.png"):
         assert figure_ok(out / fig)
 
