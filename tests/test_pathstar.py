@@ -230,12 +230,11 @@ def test_edges_only_reports_geometry(tmp_path):
     assert mu == pytest.approx([1.8028, 0.0, -1.8028], abs=1e-4)
     assert f["zigzag_share"] == pytest.approx(share[2], abs=1e-6)  # only the last mode is at mu < 0
     # the linear map is fitted on the training arms (no paths trained: the split still exists)
-    g = json.load(open(out / "graph.json"))
+    g, emb = json.load(open(out / "graph.json")), np.load(out / "embeddings.npy")
     by_leaf = {a[-1]: a for a in arms}
-    nav = common.linear_navigation(np.load(out / "embeddings.npy"), [by_leaf[x] for x in g["train_leaves"]],
-                                   [by_leaf[x] for x in g["test_leaves"]], arms)
+    train, held = ([by_leaf[x] for x in g[k]] for k in ("train_leaves", "test_leaves"))
+    nav = common.linear_navigation(emb, train, held, arms)
     assert (f["linear_navigation_acc"], f["linear_navigation_mean_rank"]) == pytest.approx(nav, abs=1e-6)
-    emb, held = np.load(out / "embeddings.npy"), [by_leaf[x] for x in g["test_leaves"]]
     nav = common.navigation_score(emb, held, arms, readout=common.zigzag_reflection(emb, arms))
     reflected = (f["reflected_navigation_acc"], f["reflected_navigation_mean_rank"])
     assert reflected == pytest.approx(nav, abs=1e-6)
