@@ -52,6 +52,10 @@ try:  # CUDA builds of torch bring Triton (the short attention's kernel); withou
     import triton.language as tl
 except ImportError:
     triton = None
+# GEOMEM_KERNELS=0 turns off the four GPU kernels of docs/performance.md (the Triton attention, bf16
+# weight copies, combo kernels, the padded vocabulary): the step as it ran before them, a fallback
+# should one fail on a machine (.ci/gpu) and a same-machine baseline for --bench. Same losses.
+KERNELS = os.environ.get("GEOMEM_KERNELS", "1") != "0"
 
 # ----------------------------------------------------------------------------- graphs
 
@@ -389,12 +393,12 @@ class TiedLM(nn.Module):
 
     def logits(self, h, multiple=None):
         """h (..., C) -> (..., V) = h @ wte^T, the weight padded with zero rows to a multiple of
-        `multiple` (default: 64 on CUDA, none on the CPU) and the logits cut back to V: the same
+        `multiple` (default: 64 on CUDA with KERNELS, else none) and the logits cut back to V: the same
         function, parameters and checkpoints. G(5000, 5) has V = 20,006 = 2 mod 8, which leaves
         cuBLAS only its slow sm80 "align2" kernels for the head's products (nanoGPT pads GPT-2's
         vocabulary to 50,304 for the same reason)."""
         W = self.wte.weight
-        V, pad = len(W), -len(W) % (multiple or (64 if W.is_cuda else 1))
+        V, pad = len(W), -len(W) % (multiple or (64 if W.is_cuda and KERNELS else 1))
         return (h @ (F.pad(W, (0, 0, 0, pad)) if pad else W).T)[..., :V]
 
 
@@ -456,7 +460,7 @@ class GPT(TiedLM):
 
 def triton_runs(x):
     """Whether Triton runs on x's device: CUDA, or the CPU in Triton's interpreter (the tests)."""
-    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return KERNELS and triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 if triton is not None:
@@ -1093,7 +1097,8 @@ class Stepper:
                      graph and replayed: a step is then a few row gathers into static buffers and
                      one launch;
       packing        (a `Packing`, any mode) the groups' rows packed into one forward;
-      bf16_weights   (default: on CUDA, where autocast is bf16) the forward on `Bf16Weights`.
+      bf16_weights   (default: on CUDA, where autocast is bf16, with KERNELS) the forward on
+                     `Bf16Weights`.
     With a CUDA graph the first `warmup` steps run on a side stream, as capture needs; they are
     ordinary training steps, so every mode trains the same steps."""
 
@@ -1103,7 +1108,8 @@ class Stepper:
         self.packing = packing
         self.params = [p for p in model.parameters() if p.requires_grad]
         cuda = groups[0][0].is_cuda
-        self.weights = Bf16Weights(model) if (cuda if bf16_weights is None else bf16_weights) else None
+        bf16_weights = cuda and KERNELS if bf16_weights is None else bf16_weights
+        self.weights = Bf16Weights(model) if bf16_weights else None
         self.compiled = compile
         self.forward = self.make_forward(compile, cuda)
         if compile:  # inductor's note that it splits a long softmax (the loss over a 20,006-token
@@ -1139,7 +1145,8 @@ class Stepper:
         if weights:
             forward = lambda copies, *a, **k: torch.func.functional_call(self.model, copies, a, k)
         if compile:
-            forward = torch.compile(forward, dynamic=False, options={"combo_kernels": True} if cuda else None)
+            combo = {"combo_kernels": True} if cuda and KERNELS else None
+            forward = torch.compile(forward, dynamic=False, options=combo)
         return functools.partial(forward, weights.copies) if weights else forward
 
     def _step(self, batch):

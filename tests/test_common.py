@@ -580,6 +580,22 @@ def test_short_attention_kernel_matches_explicit_attention():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
+
+def test_kernels_switch_turns_the_triton_attention_off():
+    """GEOMEM_KERNELS=0 (the fallback of .ci/gpu) keeps the explicit attention where the Triton
+    kernel would run; unset or 1, the kernel runs."""
+    pytest.importorskip("triton")
+    check = ("import torch, common; from common import GPTConfig; "
+             "a = common.CausalSelfAttention(GPTConfig(vocab_size=5, block_size=8, n_head=2, n_embd=8)); "
+             "x = torch.randn(2, 4, 8); ops = common.profile_step(lambda: a(x).sum().backward(), 'cpu')[3]; "
+             "print(common.KERNELS, common.triton_runs(x), any('short_attention' in op for op, _, _ in ops))")
+    for value, want in ((None, "True True True"), ("1", "True True True"), ("0", "False False False")):
+        env = {k: v for k, v in os.environ.items() if k != "GEOMEM_KERNELS"}
+        env.update(TRITON_INTERPRET="1", PYTHONPATH=ROOT, **({"GEOMEM_KERNELS": value} if value else {}))
+        done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert done.returncode == 0 and done.stdout.strip() == want, (value, done.stdout, done.stderr[-2000:])
+
 def test_packing_layout_known_answer():
     """5 edge rows (L = 2, loss on the last token) and 2 path rows (L = 4) pack into rows of 4:
     edges two to a row (the 6th slot is a padding row), paths one to a row."""

@@ -504,3 +504,41 @@ def test_readme_extension_example_runs(tmp_path):
         metrics = json.load(f)
     assert len(graph["test_leaves"]) == 10 and metrics["epochs_done"] == 2
     assert os.path.exists(tmp_path / "embeddings.npy")
+
+
+def test_gpu_script_falls_back_and_brings_back_what_the_device_tool_carries(tmp_path):
+    """.ci/gpu, the one call of a lent GPU, with a tiny config: if the bench fails with the four GPU
+    kernels on, it benches and trains with GEOMEM_KERNELS=0, and a --resume call keeps that; $OUT
+    holds six files within the device tool's limits (8 files, 16 MiB each, plain names)."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python").write_text(  # a bench that fails unless the kernels are off
+        '#!/bin/sh\ncase " $* " in *" --bench "*) [ "$GEOMEM_KERNELS" = 0 ] || '
+        '{ echo "shim: the kernels failed" >&2; exit 1; };; esac\n'
+        f'exec {sys.executable} "$@"\n')
+    (shim / "python").chmod(0o755)
+    env = dict(os.environ, PATH=f"{shim}{os.pathsep}{os.environ['PATH']}", RUNS=str(tmp_path / "runs"),
+               CONFIG=" ".join(TINY + ["--first-token-only", "--epochs", "30", "--n-layer", "1"]))
+    env.pop("GEOMEM_KERNELS", None)
+    logs = []
+    for call, flags in (("first", []), ("resume", ["--resume"])):
+        out = tmp_path / call
+        done = subprocess.run(["bash", os.path.join(ROOT, ".ci", "gpu"), "60", "3", *flags], cwd=ROOT,
+                              env=dict(env, OUT=str(out)), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:]
+        logs.append((out / "log.txt").read_text())
+        files = sorted(os.listdir(out))
+        assert files == sorted(["log.txt", "metrics.json", "accuracy.png", "geometry.png", "emb16.npz"]
+                               + ["bench.json"] * (call == "first"))
+        assert all((out / f).stat().st_size <= 16 * 2 ** 20 for f in files)
+        m = json.load(open(out / "metrics.json"))
+        assert m["epochs_done"] == 30 and m["config"]["seed"] == 3
+        z = np.load(out / "emb16.npz")
+        g = json.load(open(tmp_path / "runs" / "gpu_seed3" / "graph.json"))
+        emb = np.load(tmp_path / "runs" / "gpu_seed3" / "embeddings.npy")
+        assert z["emb"].dtype == np.float16 and np.allclose(z["emb"], emb, atol=1e-3)
+        assert z["arms"].tolist() == g["arms"] and z["test_leaves"].tolist() == g["test_leaves"]
+    first, resumed = logs
+    assert "shim: the kernels failed" in first and "the bench failed: again with GEOMEM_KERNELS=0" in first
+    assert "GEOMEM_KERNELS=0: " in first and "GEOMEM_KERNELS=0: " in resumed and "== bench" not in resumed
+    assert json.load(open(tmp_path / "first" / "bench.json"))["modes"]
