@@ -875,6 +875,7 @@ class Phase:
     lr: float
     warmup_steps: int
     final_lr_frac: float = 0.1  # cosine decays to lr * this; 1.0 = constant lr after warm-up
+    decay_epochs: int = 0  # the cosine reaches its floor after this many epochs, held after (0: epochs)
     grad_clip: float = 1.0  # 0 = no clipping
 
 
@@ -1227,7 +1228,7 @@ def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, 
             opt_state = None
         step = Stepper(model, opt, sampler.groups, phase.grad_clip, compile, cuda_graph, aux=aux,
                        packing=Packing.for_sampler(sampler, model) if pack else None)
-        total = phase.epochs * sampler.steps_per_epoch
+        total = (phase.decay_epochs or phase.epochs) * sampler.steps_per_epoch
         posted = bar.n
         model.train()
         for ep in range(first, phase.epochs):

@@ -111,6 +111,9 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     add_adamw_flags(o, "the release")
     o.add_argument("--batch-size", type=int, default=2048, help="sequences per step")
     o.add_argument("--warmup", type=int, default=1000, help="linear warm-up steps")
+    o.add_argument("--decay-epochs", type=int, default=None,
+                   help="the cosine reaches lr/10 after this many epochs and stays there (default: --epochs; "
+                        "more: the schedule cut short)")
     o.add_argument("--edge-epochs", type=int, default=2500, help="staged recipe: epochs of the edge phase")
     o.add_argument("--edge-lr", type=float, default=1e-2, help="staged recipe: edge-phase peak lr")
     o.add_argument("--edge-batch-size", type=int, default=16384, help="staged recipe: edge-phase batch")
@@ -156,6 +159,7 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
               (0 < args.train_frac < 1, "--train-frac must be in (0, 1)"),
               (args.pauses >= 0, "--pauses must be >= 0"),
               (args.epochs >= 1, "--epochs must be >= 1"),
+              (args.decay_epochs is None or args.decay_epochs >= 1, "--decay-epochs must be >= 1"),
               (args.edge_epochs >= 1, "--edge-epochs must be >= 1"),
               (args.eval_every >= 1, "--eval-every must be >= 1"),
               (args.ckpt_every >= 0, "--ckpt-every must be >= 0"),
@@ -294,15 +298,17 @@ def teacher_forced_acc(model, prompts, targets, device, chunk=1024):
 def phases_for(data, args, device):
     to = lambda g: tuple(t.to(device) for t in g)
     edges, paths = to(data["edge_group"]), to(data["path_group"])
-    clip = args.grad_clip
+    clip, decay = args.grad_clip, args.decay_epochs or 0  # decay: the run's phase (the path phase if staged)
     if args.no_paths:
-        return [Phase("edges", [edges], args.epochs, args.batch_size, args.lr, args.warmup, grad_clip=clip)]
+        return [Phase("edges", [edges], args.epochs, args.batch_size, args.lr, args.warmup, grad_clip=clip,
+                      decay_epochs=decay)]
     if args.recipe == "staged":  # App. D.3: memorize edges first, then fine-tune on paths alone
         return [Phase("edges", [edges], args.edge_epochs, args.edge_batch_size, args.edge_lr,
                       args.edge_warmup, grad_clip=clip),
-                Phase("paths", [paths], args.epochs, args.batch_size, args.lr, args.warmup, grad_clip=clip)]
+                Phase("paths", [paths], args.epochs, args.batch_size, args.lr, args.warmup, grad_clip=clip,
+                      decay_epochs=decay)]
     return [Phase("interleaved", [edges, paths], args.epochs, args.batch_size, args.lr, args.warmup,
-                  grad_clip=clip)]
+                  grad_clip=clip, decay_epochs=decay)]
 
 
 def scale(args):

@@ -1,4 +1,5 @@
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -222,6 +223,24 @@ def test_lr_schedule():
     assert all(a <= b for a, b in zip(lrs[:warm], lrs[1:warm]))  # warm-up rises
     assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # cosine falls
     assert lr_at(total, total, warm, peak) == pytest.approx(peak / 10)  # ends at lr/10
+
+
+@pytest.mark.parametrize("decay_epochs", [0, 2, 8])
+def test_decay_epochs_sets_where_the_cosine_ends(monkeypatch, decay_epochs):
+    """train's learning rate per step: the cosine over the phase's epochs (decay_epochs 0), over
+    its first 2 of 4 epochs and then held at lr/10, or over 8 epochs cut after 4."""
+    lrs = []
+    monkeypatch.setattr(common, "set_lr", lambda opt, lr: lrs.append(lr))
+    X, Y = torch.randint(0, 23, (32, 3)), torch.randint(0, 23, (32, 3))  # 4 steps per epoch
+    phase = Phase("p", [(X, Y)], epochs=4, batch_size=8, lr=1e-2, warmup_steps=2, decay_epochs=decay_epochs)
+    train(tiny_gpt(), [phase], weight_decay=0.1, evaluate=lambda m: {}, eval_every=10, device="cpu")
+    total = 4 * (decay_epochs or 4)
+    assert lrs == [lr_at(s, total, 2, 1e-2) for s in range(16)]
+    if decay_epochs == 2:
+        assert lrs[8:] == [pytest.approx(1e-3)] * 8 and lrs[7] > 1e-3
+    if decay_epochs == 8:
+        # the last step is 13 of the cosine's 30: 1e-3 + 9e-3 (1 + cos(13 pi / 30)) / 2, not the floor
+        assert lrs[-1] == pytest.approx(1e-3 + 4.5e-3 * (1 + math.cos(13 * math.pi / 30)))
 
 
 def test_sampler_proportions_and_coverage():

@@ -99,6 +99,7 @@ def test_bench_writes_json(tmp_path, monkeypatch):
     (["--n", "0"], "--n must be"),
     (["--l", "1"], "--l must be"),
     (["--epochs", "-3"], "--epochs must be"),
+    (["--decay-epochs", "0"], "--decay-epochs must be"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--n", "abc"], "invalid int value"),
     (["--n", "3", "--train-frac", "0.1"], "empty split"),
@@ -360,7 +361,7 @@ def test_sweep_with_seeds(tmp_path):
 
 
 def test_optimizer_flags_reach_adamw(tmp_path, monkeypatch):
-    """--betas, --decay and --grad-clip reach the optimizer and the phases; the defaults are the
+    """--betas, --decay, --grad-clip and --decay-epochs reach the optimizer and the phases; the defaults are the
     release's AdamW, the quick preset keeps nanoGPT's (measured better at that scale, docs/deviations.md)."""
     full = exp_pathstar.get_args([])
     assert (full.betas, full.grad_clip, full.decay) == ([0.9, 0.999], 0.0, "all")
@@ -370,14 +371,17 @@ def test_optimizer_flags_reach_adamw(tmp_path, monkeypatch):
     real = exp_pathstar.train
 
     def spy(model, phases, **kw):
-        seen.update(kw, clips=[p.grad_clip for p in phases])
+        seen.update(kw, clips=[p.grad_clip for p in phases], decay=[p.decay_epochs for p in phases])
         return real(model, phases, **kw)
     monkeypatch.setattr(exp_pathstar, "train", spy)
     exp_pathstar.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "a")])
     assert seen["betas"] == (0.9, 0.95) and not seen["decay_all"] and seen["clips"] == [1.0]
+    assert seen["decay"] == [0]  # the cosine over --epochs
     exp_pathstar.main(TINY + ["--epochs", "1", "--betas", "0.9", "0.999", "--decay", "all", "--grad-clip", "0",
-                              "--recipe", "staged", "--edge-epochs", "1", "--out", str(tmp_path / "b")])
+                              "--recipe", "staged", "--edge-epochs", "1", "--decay-epochs", "3",
+                              "--out", str(tmp_path / "b")])
     assert seen["betas"] == (0.9, 0.999) and seen["decay_all"] and seen["clips"] == [0.0, 0.0]
+    assert seen["decay"] == [0, 3]  # the path phase's schedule; the edge phase keeps its own
     model = tiny_model_for_decay()
     opt = make_optimizer(model, 1e-3, 0.1, decay_all=True)
     assert [g["weight_decay"] for g in opt.param_groups if g["params"]] == [0.1]  # biases and norms decay too
