@@ -1233,8 +1233,9 @@ def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, 
         model.train()
         for ep in range(first, phase.epochs):
             for s, rows in enumerate(sampler.epoch()):
-                set_lr(opt, lr_at(ep * sampler.steps_per_epoch + s, total, phase.warmup_steps, phase.lr,
-                                  phase.final_lr_frac))
+                lr = lr_at(ep * sampler.steps_per_epoch + s, total, phase.warmup_steps, phase.lr,
+                           phase.final_lr_frac)
+                set_lr(opt, lr)
                 step(rows)
             bar.update(sampler.steps_per_epoch)
             epoch += 1
@@ -1252,8 +1253,8 @@ def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, 
             if evaluating:
                 model.eval()
                 with torch.no_grad():
-                    history.append({"epoch": epoch, "phase": phase.name, "time_s": time.time() - t0,
-                                    **evaluate(model)})
+                    history.append({"epoch": epoch, "phase": phase.name, "lr": lr, "time_s": time.time() - t0,
+                                    **evaluate(model)})  # lr: of the epoch's last step
                 model.train()
                 out_of_time = time_limit_s is not None and time.time() - started >= time_limit_s
                 if ckpt_path and (last or out_of_time or time.time() - last_save >= ckpt_every_s):
@@ -1265,6 +1266,11 @@ def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, 
                     return history
     bar.close()
     return history
+
+
+def measures(entry):
+    """What an evaluation measured: a history entry without its epoch, phase, lr and time."""
+    return {k: v for k, v in entry.items() if k not in ("epoch", "phase", "lr", "time_s")}
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -23,8 +23,8 @@ import torch
 
 from common import (GPT, ArgParser, GPTConfig, Phase, Vocab, add_adamw_flags, add_seed_flags, add_step_flags,
                     autocast, config_diff, curve_band, decode_answer, device_name, die, epochs_to, loss_tail,
-                    over_seeds, parse_with_presets, pick_device, plot_panels, prepare_out, preset_help,
-                    seed_everything, step_modes, token_embeddings, train, write_json)
+                    measures, over_seeds, parse_with_presets, pick_device, plot_panels, prepare_out,
+                    preset_help, seed_everything, step_modes, token_embeddings, train, write_json)
 
 MODES = ("standard", "teacherless", "reverse")
 
@@ -267,7 +267,7 @@ def run_mode(mode, args, train_g, test_g, vocab, device, steps):
                     resume=args.resume and os.path.exists(ckpt), config=config, desc=mode,
                     compile=steps[0], cuda_graph=steps[1])
     wall = history[-1]["time_s"]  # training and evaluation, earlier sessions of a resumed run included
-    final = {k: v for k, v in history[-1].items() if k not in ("epoch", "phase", "time_s")}
+    final = measures(history[-1])
     metrics = {"config": config, "device": device_name(device), "final": final, "history": history,
                "wall_time_s": wall}
     write_json(metrics_path, metrics)

@@ -20,7 +20,7 @@ from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Nod
                     add_adamw_flags, add_step_flags, arm_edges, arm_modes, arm_spectrum, autocast, benchmark,
                     config_diff, curve_band, decode_answer, device_name, die, edge_group, edge_recall,
                     epochs_to, geometric_level, hop_cosine, in_processes, k_for_energy, laplacian_eigs,
-                    linear_navigation, navigation_score, neighbour_targets, node2vec_loss, one_seed,
+                    linear_navigation, measures, navigation_score, neighbour_targets, node2vec_loss, one_seed,
                     parse_with_presets, path_group, path_prompts, path_star, path_targets, peak_memory_gib,
                     pick_device, plot_cosine_heatmap, plot_curves, plot_panels, prepare_out, preset_help,
                     seed_everything, spectral_energy, spectral_share, split_arms, spread, step_modes,
@@ -327,7 +327,7 @@ def describe(args):
 
 
 def write_outputs(out, args, data, model, history, wall, device):
-    final = {k: v for k, v in history[-1].items() if k not in ("epoch", "phase", "time_s")}
+    final = measures(history[-1])
     planned = args.epochs + (args.edge_epochs if args.recipe == "staged" and not args.no_paths else 0)
     write_json(os.path.join(out, "metrics.json"), {
         "config": vars(args), "device": device_name(device), "peak_memory_gib": peak_memory_gib(device),
@@ -362,13 +362,13 @@ def write_outputs(out, args, data, model, history, wall, device):
     # a curve some runs lack (l < 4: no 2 hops; no training arms; resumed from older code) is left out
     if_any = lambda key, label: ([(x, [h[key] for h in history], label)]
                                  if all(key in h for h in history) else [])
-    plot_panels(os.path.join(out, "geometry.png"), [
-        ("held-out leaves", "accuracy",
-         [(x, [h["test_first_token_acc"] for h in history], "first-token accuracy"),
-          (x, [h["navigation_acc"] for h in history], "navigation (top-1): leaf -> first node")]
+    plot_panels(os.path.join(out, "geometry.png"), [  # the model's accuracy last: a measure's colour is
+        ("held-out leaves", "accuracy",                  # then the same in the accuracy and rank panels
+         [(x, [h["navigation_acc"] for h in history], "navigation (top-1): leaf -> first node")]
          + if_any("navigation_2hop_acc", "leaf -> node 2 hops up (top-1)")
          + if_any("linear_navigation_acc", "leaf -> first node through a linear map (top-1)")
-         + if_any("reflected_navigation_acc", "leaf -> first node, zigzag reflected (top-1)"), chance),
+         + if_any("reflected_navigation_acc", "leaf -> first node, zigzag reflected (top-1)")
+         + [(x, [h["test_first_token_acc"] for h in history], "the model: first-token accuracy")], chance),
         ("rank of the leaf's own node among all arms'", "mean rank (1 = best)",
          [(x, [h["navigation_mean_rank"] for h in history], "first node")]
          + if_any("navigation_2hop_mean_rank", "node 2 hops up")

@@ -16,8 +16,8 @@ import time
 import numpy as np
 
 import exp_pathstar
-from common import (curve_band, device_name, die, orient, pick_device, plot_panels, prepare_out, pyplot,
-                    save_figure, split_arms, spread, tree_star, write_json, write_spread_csv)
+from common import (curve_band, device_name, die, measures, orient, pick_device, plot_panels, prepare_out,
+                    pyplot, save_figure, split_arms, spread, tree_star, write_json, write_spread_csv)
 
 # CPU-sized preset: T(100, 2, 4) = 701 nodes, 400 leaves, with the path-star quick model
 QUICK = dict(exp_pathstar.QUICK, n=100, b=2, l=4)
@@ -106,8 +106,7 @@ def run_splits(args, device):
         results[split] = exp_pathstar.run(a, device, data, tree_measure(data, a))
     if args.bench:
         return results
-    last = {s: {k: v for k, v in r["history"][-1].items() if k not in ("epoch", "phase", "time_s")}
-            for s, r in results.items()}
+    last = {s: measures(r["history"][-1]) for s, r in results.items()}
     write_json(os.path.join(args.out, "metrics.json"), {
         "config": vars(args), "device": device_name(device), "final": last,
         "history": {s: r["history"] for s, r in results.items()},

@@ -233,9 +233,13 @@ def test_decay_epochs_sets_where_the_cosine_ends(monkeypatch, decay_epochs):
     monkeypatch.setattr(common, "set_lr", lambda opt, lr: lrs.append(lr))
     X, Y = torch.randint(0, 23, (32, 3)), torch.randint(0, 23, (32, 3))  # 4 steps per epoch
     phase = Phase("p", [(X, Y)], epochs=4, batch_size=8, lr=1e-2, warmup_steps=2, decay_epochs=decay_epochs)
-    train(tiny_gpt(), [phase], weight_decay=0.1, evaluate=lambda m: {}, eval_every=10, device="cpu")
+    history = train(tiny_gpt(), [phase], weight_decay=0.1, evaluate=lambda m: {"acc": 0.5}, eval_every=2,
+                    device="cpu")
     total = 4 * (decay_epochs or 4)
     assert lrs == [lr_at(s, total, 2, 1e-2) for s in range(16)]
+    # each evaluation records the lr of its epoch's last step; `measures` leaves it out with the time
+    assert [(h["epoch"], h["lr"]) for h in history] == [(2, lrs[7]), (4, lrs[15])]
+    assert [common.measures(h) for h in history] == [{"acc": 0.5}] * 2
     if decay_epochs == 2:
         assert lrs[8:] == [pytest.approx(1e-3)] * 8 and lrs[7] > 1e-3
     if decay_epochs == 8:
