@@ -603,7 +603,6 @@ def test_short_attention_kernel_matches_explicit_attention():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
-
 def test_kernels_switch_turns_the_triton_attention_off():
     """GEOMEM_KERNELS=0 (the fallback of .ci/gpu) keeps the explicit attention where the Triton
     kernel would run; unset or 1, the kernel runs."""
@@ -618,6 +617,7 @@ def test_kernels_switch_turns_the_triton_attention_off():
         done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env,
                               timeout=300)
         assert done.returncode == 0 and done.stdout.strip() == want, (value, done.stdout, done.stderr[-2000:])
+
 
 def test_packing_layout_known_answer():
     """5 edge rows (L = 2, loss on the last token) and 2 path rows (L = 4) pack into rows of 4:

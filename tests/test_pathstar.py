@@ -361,8 +361,9 @@ def test_sweep_with_seeds(tmp_path):
 
 
 def test_optimizer_flags_reach_adamw(tmp_path, monkeypatch):
-    """--betas, --decay, --grad-clip and --decay-epochs reach the optimizer and the phases; the defaults are the
-    release's AdamW, the quick preset keeps nanoGPT's (measured better at that scale, docs/deviations.md)."""
+    """--betas, --decay, --grad-clip and --decay-epochs reach the optimizer and the phases; the defaults
+    are the release's AdamW, the quick preset keeps nanoGPT's (measured better at that scale,
+    docs/deviations.md)."""
     full = exp_pathstar.get_args([])
     assert (full.betas, full.grad_clip, full.decay) == ([0.9, 0.999], 0.0, "all")
     quick = exp_pathstar.get_args(["--quick"])
