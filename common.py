@@ -1186,7 +1186,7 @@ class Stepper:
 
 def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, ckpt_path=None,
           ckpt_every_s=600, resume=False, config=None, desc="train", compile=False, cuda_graph=False,
-          betas=(0.9, 0.95), decay_all=False, time_limit_s=None, aux=None, pack=False):
+          betas=(0.9, 0.95), decay_all=False, time_limit_s=None, aux=None, pack=False, snapshot_dir=None):
     """The one training loop of the repository. Runs the phases in order (a fresh AdamW and schedule
     each), evaluates every `eval_every` epochs and at the end of each phase, writes a checkpoint
     after an evaluation when `ckpt_every_s` seconds have passed since the last one and at the end of
@@ -1195,7 +1195,8 @@ def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, 
     `aux`: see `train_step`. Stops with one line on stderr (exit 2) when the training loss turns
     non-finite, keeping the last checkpoint. With `time_limit_s`, returns early at the first
     evaluation after that many seconds (of this process), with a checkpoint that `resume` continues
-    from.
+    from. With `snapshot_dir`, every evaluation also keeps the model's weights there as
+    epoch<E>.pt (a state dict, plain keys), for analyses of the model over training.
     Returns the history: [{"epoch": e, "phase": name, "time_s": seconds, **evaluate(model)}, ...],
     time_s counting training and evaluation since the start, resumed runs included."""
     gen = torch.Generator().manual_seed(seed)
@@ -1256,6 +1257,9 @@ def train(model, phases, *, weight_decay, evaluate, eval_every, device, seed=0, 
                     history.append({"epoch": epoch, "phase": phase.name, "lr": lr, "time_s": time.time() - t0,
                                     **evaluate(model)})  # lr: of the epoch's last step
                 model.train()
+                if snapshot_dir:
+                    os.makedirs(snapshot_dir, exist_ok=True)
+                    torch.save(model.state_dict(), os.path.join(snapshot_dir, f"epoch{epoch:06d}.pt"))
                 out_of_time = time_limit_s is not None and time.time() - started >= time_limit_s
                 if ckpt_path and (last or out_of_time or time.time() - last_save >= ckpt_every_s):
                     save_checkpoint(ckpt_path, model, opt, epoch, history, gen, config)
@@ -1370,6 +1374,21 @@ def edge_recall(model, edges, vocab, device, chunk=4096):
             logits = model(X[i: i + chunk]).float()
         hits += top_k_hits(logits, e[i: i + chunk, 1], deg[e[i: i + chunk, 0]]).sum()
     return hits.item() / len(e)
+
+
+@torch.no_grad()
+def logit_lens(model, idx, position=-1, edit=None):
+    """A GPT's (n_layer + 1, B, V) logits at `position` of idx (B, T), read through ln_f and the
+    tied head after the embedding and after each block; the last are the model's own logits.
+    `edit(i, x)` -> x changes the (B, T, C) stream after block i (0: the embedding) before it is
+    read and passed on: an intervention, e.g. a direction projected out at one position."""
+    x = model.wte(idx) + model.wpe[: idx.shape[1]]
+    out = []
+    for i, block in enumerate([None, *model.blocks]):
+        x = x if block is None else block(x)
+        x = x if edit is None else edit(i, x)
+        out.append(model.logits(model.ln_f(x[:, position])))
+    return torch.stack(out)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -1649,7 +1668,7 @@ def save_checkpoint(path, model, opt, epoch, history, gen, config):
 
 # flags that may differ between a run and its resumption
 RESUME_FREE = {"resume", "device", "out", "bench", "compile", "cuda_graph", "pack", "ckpt_every",
-               "time_limit", "parallel", "graph"}  # graph: a label derived from the flags
+               "time_limit", "parallel", "graph", "snapshots"}  # graph: a label derived from the flags
 
 
 def config_diff(saved, config):

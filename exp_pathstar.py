@@ -144,6 +144,8 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
                    "after this long, write the outputs and a checkpoint (--resume continues)")
     r.add_argument("--ckpt-every", type=float, default=600, help="seconds between checkpoints (each "
                    "written after an evaluation; one is always written at the end)")
+    r.add_argument("--snapshots", action="store_true", help="keep the model's weights at every evaluation in "
+                   "--out/snapshots/epoch<E>.pt (state dicts; e.g. for common.logit_lens over training)")
     r.add_argument("--sweep", choices=list(SWEEPS) if sweeps else [], help="run every arm of a control into "
                    "--out/<arm>/ plus summary.csv and summary.png: " + "; ".join(
                        f"{k}: {', '.join(v)}" for k, v in SWEEPS.items()) if sweeps else argparse.SUPPRESS)
@@ -521,7 +523,8 @@ def run(args, device, data=None, measure=None):
                     ckpt_path=os.path.join(args.out, "checkpoint.pt"), ckpt_every_s=args.ckpt_every,
                     resume=args.resume, config=vars(args), desc="path-star", compile=compile,
                     cuda_graph=cuda_graph, betas=tuple(args.betas), decay_all=args.decay == "all",
-                    time_limit_s=args.time_limit and 60 * args.time_limit, aux=aux, pack=args.pack)
+                    time_limit_s=args.time_limit and 60 * args.time_limit, aux=aux, pack=args.pack,
+                    snapshot_dir=os.path.join(args.out, "snapshots") if args.snapshots else None)
     wall = time.time() - t0
     write_outputs(args.out, args, data, model, history, wall, device)
     f = history[-1]

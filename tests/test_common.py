@@ -18,9 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from common import (GPT, CausalSelfAttention, GPTConfig, GroupSampler, Packing, Phase, Stepper, Vocab,
                     adjacency, arm_edges, arm_modes, arm_parts, arm_spectrum, cosine_matrix, curve_band,
                     decode_answer, edge_group, edge_recall, forever, greedy_decode, grid_graph, hop_cosine,
-                    laplacian_eigs, loss_tail, linear_navigation, lr_at, make_optimizer, navigation_score,
-                    path_group, path_prompts, path_star, path_targets, set_lr, spectral_energy, split_arms,
-                    summary_markdown, tiny_graph, top_k_hits, train, zigzag_reflection)
+                    laplacian_eigs, logit_lens, loss_tail, linear_navigation, lr_at, make_optimizer,
+                    navigation_score, path_group, path_prompts, path_star, path_targets, set_lr, spectral_energy,
+                    split_arms, summary_markdown, tiny_graph, top_k_hits, train, zigzag_reflection)
 
 
 @pytest.mark.parametrize("d,l", [(1, 2), (3, 5), (50, 4), (7, 10)])
@@ -274,6 +274,30 @@ def test_greedy_decode_and_edge_recall_on_a_perfect_lookup():
     answers = torch.tensor([[1, 2, 3], [0, 0, 1]])
     assert decode_answer(Table(), torch.tensor([[0], [2]]), answers, "cpu").tolist() == [[1, 2, 3], [3, 1, 2]]
     assert edge_recall(Table(), np.array([[0, 1], [1, 2], [2, 0]]), vocab, "cpu") == pytest.approx(2 / 3)
+
+
+def test_logit_lens_known_answers():
+    """The lens ends at the model's own logits; it starts at the embedding read through ln_f; an
+    edit changes what is read and what the next blocks see."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=2, n_head=2, n_embd=16)).eval()
+    idx = torch.randint(0, 10, (3, 5))
+    L = logit_lens(model, idx)
+    assert L.shape == (3, 3, 10)
+    assert torch.allclose(L[-1], model(idx), atol=1e-5)
+    x0 = model.wte(idx[:, -1]) + model.wpe[4]
+    assert torch.allclose(L[0], model.ln_f(x0) @ model.wte.weight.T, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(logit_lens(model, idx, position=1)[-1],
+                              model.logits(model.hidden(idx)[:, 1]), atol=1e-5)
+    seen = []
+    unchanged = logit_lens(model, idx, edit=lambda i, x: seen.append(i) or x)
+    assert seen == [0, 1, 2] and torch.equal(unchanged, L)
+    zeroed = logit_lens(model, idx, edit=lambda i, x: torch.zeros_like(x) if i == 0 else x)
+    assert torch.equal(zeroed[0], torch.zeros(3, 10))  # ln_f(0) = its bias, 0 at init
+    with torch.no_grad():
+        after_one = model.blocks[0](torch.zeros(3, 5, 16))
+        assert torch.allclose(zeroed[1], model.ln_f(after_one[:, -1]) @ model.wte.weight.T, atol=1e-5)
 
 
 def test_navigation_score_known_answers():

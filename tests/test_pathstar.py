@@ -282,6 +282,27 @@ def test_compiled_run_resumes_eagerly(tmp_path):
     assert [h["epoch"] for h in hist["history"]] == [2, 4]
 
 
+def test_snapshots_keep_the_model_at_every_evaluation(tmp_path):
+    """--snapshots: one state dict per evaluation, a run stopped by --time-limit adds the rest on
+    --resume; the last is the final model (its embeddings are embeddings.npy), an earlier one a
+    different model that loads into it."""
+    out = str(tmp_path / "run")
+    flags = TINY + ["--epochs", "6", "--eval-every", "2", "--snapshots", "--out", out]
+    exp_pathstar.main(flags + ["--time-limit", "1e-9"])  # stops after the first evaluation
+    shots = os.path.join(out, "snapshots")
+    assert sorted(os.listdir(shots)) == ["epoch000002.pt"]
+    exp_pathstar.main(flags + ["--resume"])
+    assert sorted(os.listdir(shots)) == ["epoch000002.pt", "epoch000004.pt", "epoch000006.pt"]
+    last = torch.load(os.path.join(shots, "epoch000006.pt"))
+    assert not any("_orig_mod" in k for k in last)
+    emb = np.load(os.path.join(out, "embeddings.npy"))
+    assert np.array_equal(last["wte.weight"][: len(emb)].numpy(), emb)
+    first = torch.load(os.path.join(shots, "epoch000002.pt"))
+    assert not torch.equal(first["wte.weight"], last["wte.weight"])
+    args = exp_pathstar.get_args(flags)
+    exp_pathstar.make_model(args, len(last["wte.weight"])).load_state_dict(first)
+
+
 def test_packed_run_trains_as_the_unpacked_one(tmp_path):
     """--pack (full paths: several loss positions per row; edges 4 to a row) ends with the
     weights and the evaluations of the same run without it."""
