@@ -20,7 +20,8 @@ from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Nod
                     add_adamw_flags, add_step_flags, arm_edges, arm_modes, arm_spectrum, autocast, benchmark,
                     config_diff, curve_band, decode_answer, device_name, die, edge_group, edge_recall,
                     epochs_to, geometric_level, hop_cosine, in_processes, k_for_energy, laplacian_eigs,
-                    linear_navigation, measures, navigation_score, neighbour_targets, node2vec_loss, one_seed,
+                    linear_navigation, logit_lens, measures, navigation_score, neighbour_targets,
+                    node2vec_loss, one_seed,
                     parse_with_presets, path_group, path_prompts, path_star, path_targets, peak_memory_gib,
                     pick_device, plot_cosine_heatmap, plot_curves, plot_panels, prepare_out, preset_help,
                     seed_everything, spectral_energy, spectral_share, split_arms, spread, step_modes,
@@ -243,6 +244,8 @@ def make_evaluate(data, args, device, measure=None):
         arms = data[f"{split}_arms"]
         splits[split] = (path_prompts([a[-1] for a in arms], data["vocab"], args.pauses),
                          path_targets(arms, args.reverse_path))
+    held_out = data["test_arms"]  # the input whose last position predicts a1: `[PATH] leaf [PAUSE]* root`
+    first_hop_input = torch.cat([splits["test"][0], torch.tensor([[a[0] for a in held_out]]).view(-1, 1)], 1)
 
     def evaluate(model):
         res = {}
@@ -276,12 +279,37 @@ def make_evaluate(data, args, device, measure=None):
             turn_back = zigzag_reflection(emb, data["arms"])
             nav = navigation_score(emb, data["test_arms"], data["arms"], readout=turn_back)
             res["reflected_navigation_acc"], res["reflected_navigation_mean_rank"] = nav
+        if isinstance(model, GPT) and not args.reverse_path and held_out:  # how its layers read the first hop
+            res["leaf_neighbour_by_block"], res["first_hop_by_block"] = first_hop_lens(
+                model, first_hop_input, held_out, device)
         E = emb.cpu().numpy()
         res["geometric_level"] = geometric_level(E, data["edges"])
         if basis is not None:
             res["spectral_share"] = spectral_share(E, basis)
         return res
     return evaluate
+
+
+@torch.no_grad()
+def first_hop_lens(model, idx, arms, device, chunk=256):
+    """Beyond the paper (docs/results.md, "How the deep model reads the first hop"): `logit_lens`
+    on idx (P, T) = `[PATH] leaf [PAUSE]* root` of each arm. Two lists, one entry per block (0: the
+    embedding): the share of arms whose leaf's position (1) has the leaf's neighbour, arm[-2], on
+    top, and whose last position has the first node, arm[1], on top (the last entry is the model's
+    own first-token accuracy)."""
+    neighbour, first = (torch.tensor([a[j] for a in arms], device=device) for j in (-2, 1))
+    hits = torch.zeros(2, len(model.blocks) + 1, device=device)
+    for i in range(0, len(idx), chunk):
+        x, rows = idx[i: i + chunk].to(device), slice(i, i + chunk)
+        with autocast(device):
+            hits[0] += (logit_lens(model, x, position=1).argmax(-1) == neighbour[rows]).sum(-1)
+            hits[1] += (logit_lens(model, x).argmax(-1) == first[rows]).sum(-1)
+    return (hits / len(idx)).tolist()
+
+
+def first_block(shares, level=0.5):
+    """The first block (0: the embedding) whose share reaches `level`; len(shares): none."""
+    return next((i for i, v in enumerate(shares) if v >= level), len(shares))
 
 
 @torch.no_grad()
@@ -376,6 +404,12 @@ def write_outputs(out, args, data, model, history, wall, device):
          + if_any("navigation_2hop_mean_rank", "node 2 hops up")
          + if_any("linear_navigation_mean_rank", "first node, linear map")
          + if_any("reflected_navigation_mean_rank", "first node, zigzag reflected"), (args.n + 1) / 2)]
+        + ([(f"the layers (logit lens), held-out leaves ({args.n_layer + 1}: none)",
+             "first block on top for half",
+             [(x, [first_block(h["leaf_neighbour_by_block"]) for h in history],
+               "leaf's position: the leaf's neighbour"),
+              (x, [first_block(h["first_hop_by_block"]) for h in history], "last position: the first node")],
+             None)] if all("first_hop_by_block" in h for h in history) else [])
         + ([("held-out arms: cosine of two nodes", "mean cosine similarity",
              [(x, [h["hop_cosine"][i] for h in history], f"{i + 1} hop{'s' * (i > 0)} apart")
               for i in range(len(history[-1]["hop_cosine"]))]

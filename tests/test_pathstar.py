@@ -18,6 +18,7 @@ from conftest import figure_ok, untimed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--quick", "--n", "24", "--l", "4", "--n-embd", "32", "--n-head", "2"]
+QUICK_LAYERS = exp_pathstar.QUICK["n_layer"]
 
 
 def run_cli(args, **kw):
@@ -48,6 +49,9 @@ def test_quick_smoke(tmp_path):
     assert emb.shape == (g["num_nodes"], exp_pathstar.QUICK["n_embd"])
     for fig in ("accuracy.png", "token_accuracy.png"):
         assert figure_ok(os.path.join(out, fig))
+    for h in m["history"]:  # the logit lens's last block is the model's own first-token prediction
+        assert len(h["first_hop_by_block"]) == len(h["leaf_neighbour_by_block"]) == QUICK_LAYERS + 1
+        assert h["first_hop_by_block"][-1] == h["test_first_token_acc"]
 
 
 def test_staged_and_variants_run(tmp_path):
@@ -280,6 +284,26 @@ def test_compiled_run_resumes_eagerly(tmp_path):
     hist = exp_pathstar.main(TINY + ["--epochs", "4", "--eval-every", "2", "--no-compile", "--resume",
                                      "--out", out])
     assert [h["epoch"] for h in hist["history"]] == [2, 4]
+
+
+def test_first_hop_lens_known_answers(monkeypatch):
+    """Two arms, a lens that puts fixed tokens on top at each block: the shares count the leaf's
+    neighbour at position 1 and the first node at the last position, chunk by chunk."""
+    arms = [[0, 1, 2, 3], [0, 4, 5, 6]]  # root, a1, a2 (the leaf's neighbour), leaf
+    top = {1: [[9, 9], [2, 9], [2, 5]],  # position 1, blocks 0..2: arm 0's neighbour from block 1
+           -1: [[9, 9], [9, 4], [1, 4]]}  # last position: arm 1's first node from block 1, arm 0's at 2
+
+    def lens(model, idx, position=-1):
+        rows = [int(r) for r in idx[:, 0]]  # idx's first column says which arms this chunk holds
+        return torch.nn.functional.one_hot(torch.tensor(top[position])[:, rows], 10).float()
+    monkeypatch.setattr(exp_pathstar, "logit_lens", lens)
+    model = argparse.Namespace(blocks=[None, None])
+    idx = torch.tensor([[0, 3, 0], [1, 6, 0]])
+    for chunk in (1, 2):
+        leaf, last = exp_pathstar.first_hop_lens(model, idx, arms, "cpu", chunk=chunk)
+        assert leaf == [0.0, 0.5, 1.0] and last == [0.0, 0.5, 1.0]
+    assert exp_pathstar.first_block([0.0, 0.5, 1.0]) == 1
+    assert exp_pathstar.first_block([0.0, 0.4]) == 2  # never: one past the last block
 
 
 def test_snapshots_keep_the_model_at_every_evaluation(tmp_path):
