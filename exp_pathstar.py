@@ -21,11 +21,11 @@ from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Nod
                     config_diff, curve_band, decode_answer, device_name, die, edge_group, edge_recall,
                     epochs_to, geometric_level, hop_cosine, in_processes, k_for_energy, laplacian_eigs,
                     linear_navigation, logit_lens, measures, navigation_score, neighbour_targets,
-                    node2vec_loss, one_seed,
-                    parse_with_presets, path_group, path_prompts, path_star, path_targets, peak_memory_gib,
-                    pick_device, plot_cosine_heatmap, plot_curves, plot_panels, prepare_out, preset_help,
-                    seed_everything, spectral_energy, spectral_share, split_arms, spread, step_modes,
-                    token_embeddings, train, train_node2vec, write_json, write_spread_csv, zigzag_reflection)
+                    node2vec_loss, one_seed, parse_with_presets, path_group, path_prompts, path_star,
+                    path_targets, peak_memory_gib, pick_device, plot_cosine_heatmap, plot_curves, plot_panels,
+                    prepare_out, preset_help, seed_everything, spectral_energy, spectral_share, split_arms,
+                    spread, step_modes, token_embeddings, train, train_node2vec, write_json, write_spread_csv,
+                    zigzag_reflection)
 
 # CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (docs/notes.md).
 # It keeps nanoGPT's AdamW (betas 0.95, clipping at 1, no decay on biases and norms): over seeds 0-2
