@@ -2039,6 +2039,8 @@ def plot_panels(path, panels, title, xlabel="epoch"):
             if band:
                 ax.fill_between(xs, *band[0], color=line.get_color(), alpha=0.2, lw=0)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        if "accuracy" not in ylabel and all(float(y).is_integer() for _, ys, *_ in lines for y in ys):
+            ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # e.g. a block index
         if chance is not None:
             ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance = {chance:.3g}")
         if "accuracy" in ylabel:

@@ -789,6 +789,18 @@ def test_plot_panels_wraps_rows_of_three(tmp_path):
         assert figure_ok(path) and round(h / 400) == rows and w <= (5.2 * 3 + 1.2) * 100 + 1
 
 
+def test_plot_panels_integer_values_get_integer_ticks(tmp_path, monkeypatch):
+    """A panel whose every value is a whole number (a block index) gets whole-number y ticks only."""
+    from common import plot_panels
+    figs = []
+    monkeypatch.setattr(common, "save_figure", lambda fig, path, dpi: figs.append(fig))
+    plot_panels(tmp_path / "p.png", [("blocks", "block", [([0, 1, 2], [3, 2, 1], "run")], None),
+                                     ("shares", "share", [([0, 1, 2], [0.1, 0.2, 0.3], "run")], None)], "t")
+    blocks, shares = figs[0].axes[:2]
+    assert all(float(t).is_integer() for t in blocks.get_yticks())
+    assert not all(float(t).is_integer() for t in shares.get_yticks())
+
+
 def test_summary_markdown_known_answers():
     """--seeds tables: mean [min, max], or each seed's value where one is missing."""
     rows = {s: {"speed": {"grid tinygpt": {"first_step_all_edges": step, "final_geometric_level": level}}}
