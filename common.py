@@ -1379,7 +1379,8 @@ def edge_recall(model, edges, vocab, device, chunk=4096):
 @torch.no_grad()
 def logit_lens(model, idx, position=-1, edit=None):
     """A GPT's (n_layer + 1, B, V) logits at `position` of idx (B, T), read through ln_f and the
-    tied head after the embedding and after each block; the last are the model's own logits.
+    tied head after the embedding and after each block; the last are the model's own logits. A
+    list of positions reads them all from one pass: (n_layer + 1, B, len(position), V).
     `edit(i, x)` -> x changes the (B, T, C) stream after block i (0: the embedding) before it is
     read and passed on: an intervention, e.g. a direction projected out at one position."""
     x = model.wte(idx) + model.wpe[: idx.shape[1]]

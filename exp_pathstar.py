@@ -301,9 +301,10 @@ def first_hop_lens(model, idx, arms, device, chunk=256):
     hits = torch.zeros(2, len(model.blocks) + 1, device=device)
     for i in range(0, len(idx), chunk):
         x, rows = idx[i: i + chunk].to(device), slice(i, i + chunk)
-        with autocast(device):
-            hits[0] += (logit_lens(model, x, position=1).argmax(-1) == neighbour[rows]).sum(-1)
-            hits[1] += (logit_lens(model, x).argmax(-1) == first[rows]).sum(-1)
+        with autocast(device):  # one pass, both positions: (blocks, rows, 2)
+            top = logit_lens(model, x, position=[1, -1]).argmax(-1)
+        hits[0] += (top[..., 0] == neighbour[rows]).sum(-1)
+        hits[1] += (top[..., 1] == first[rows]).sum(-1)
     return (hits / len(idx)).tolist()
 
 

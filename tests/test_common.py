@@ -290,6 +290,10 @@ def test_logit_lens_known_answers():
     with torch.no_grad():
         assert torch.allclose(logit_lens(model, idx, position=1)[-1],
                               model.logits(model.hidden(idx)[:, 1]), atol=1e-5)
+    both = logit_lens(model, idx, position=[1, -1])  # one pass, two positions
+    assert both.shape == (3, 3, 2, 10)
+    assert torch.allclose(both[:, :, 0], logit_lens(model, idx, position=1), atol=1e-6)
+    assert torch.allclose(both[:, :, 1], L, atol=1e-6)
     seen = []
     unchanged = logit_lens(model, idx, edit=lambda i, x: seen.append(i) or x)
     assert seen == [0, 1, 2] and torch.equal(unchanged, L)

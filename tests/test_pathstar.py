@@ -293,9 +293,10 @@ def test_first_hop_lens_known_answers(monkeypatch):
     top = {1: [[9, 9], [2, 9], [2, 5]],  # position 1, blocks 0..2: arm 0's neighbour from block 1
            -1: [[9, 9], [9, 4], [1, 4]]}  # last position: arm 1's first node from block 1, arm 0's at 2
 
-    def lens(model, idx, position=-1):
+    def lens(model, idx, position=-1):  # (blocks, rows, positions, V), as logit_lens's list form
         rows = [int(r) for r in idx[:, 0]]  # idx's first column says which arms this chunk holds
-        return torch.nn.functional.one_hot(torch.tensor(top[position])[:, rows], 10).float()
+        return torch.stack([torch.nn.functional.one_hot(torch.tensor(top[p])[:, rows], 10).float()
+                            for p in position], 2)
     monkeypatch.setattr(exp_pathstar, "logit_lens", lens)
     model = argparse.Namespace(blocks=[None, None])
     idx = torch.tensor([[0, 3, 0], [1, 6, 0]])
