@@ -1897,20 +1897,28 @@ def profile_step(fn, device):
 
 
 def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes=None, seed=0,
-              report=None, pack=False):
-    """Times full training steps (forward, backward, clipping, AdamW) in each mode of
-    `bench_modes` from the same initial weights, and compares model FLOP/s with this device's
-    matmul peak measured in the same run (before and after the steps, the better of the two). Per
-    mode: ms per step and per epoch, sequences/s, MFU, peak GPU memory, the minutes `epochs`
-    epochs of training would take (evaluation not counted), a profile of one more step
-    (`profile_step`: launches, kernels, busy time, every kernel or op), and in eager modes the aten
-    ops a step dispatches (`OpCounter`).
-    CUDA: 5 warm-up steps (a graph is captured at the 4th), 20 timed; CPU: 2 and 5. `pack`: time
-    packed modes too (`Packing`). A mode's MFU counts the FLOPs it runs: a packed step with shared
-    heads runs fewer tokens for the same losses, so compare modes by ms per step.
+              report=None, keep=None, reference=None):
+    """Times full training steps (forward, backward, clipping, AdamW) in each of `modes` (name,
+    compile, cuda_graph, packed; default: `bench_modes(device)`) from the same initial weights, and
+    compares model FLOP/s with this device's matmul peak measured in the same run (before and after
+    the steps, the better of the two). Per mode: ms per step and per epoch, sequences/s, MFU, peak
+    GPU memory, the minutes `epochs` epochs of training would take (evaluation not counted), a
+    profile of one more step (`profile_step`: launches, kernels, busy time, every kernel or op),
+    and in eager modes the aten ops a step dispatches (`OpCounter`).
+    CUDA: 5 warm-up steps (a graph is captured at the 4th), 20 timed; CPU: 2 and 5. A mode's MFU
+    counts the FLOPs it runs: a packed step with shared heads runs fewer tokens for the same
+    losses, so compare modes by ms per step.
+    Every mode trains the same rows from the same weights, so each should give the same results
+    (in bf16 on CUDA, up to rounding): per mode the mean loss of the timed steps and how far its
+    weights after them are from the first mode's, relative to the first mode's own update. `keep`:
+    a file to save the first mode's weights in (`flat_params`); `reference`: such weights from
+    another bench of the same configuration (e.g. the eager step with GEOMEM_KERNELS=0), which
+    every mode is then also measured against (relative to the same update).
     `report(result)` is called after each mode (to save what is measured so far)."""
     warmup, steps = (5, 20) if str(device).startswith("cuda") else (2, 5)
     init = {k: v.clone() for k, v in model.state_dict().items()}
+    start, first = flat_params(model), None  # first: the first mode's weights after its timed steps
+    reference = None if reference is None else reference.to(start.device)
     sampler = GroupSampler([loss_tail(*g) for g in groups], batch_size, torch.Generator().manual_seed(seed))
     rows = [r for _, r in zip(range(warmup + steps + 1), forever(sampler))]
     flops = sum(model.flops(len(i), X.shape[1], int((Y[i] >= 0).sum()))
@@ -1922,7 +1930,7 @@ def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes
            "flops_per_step": flops, "peak_flops_per_s": peak, "timed_steps": steps,
            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
            "triton": triton.__version__ if triton is not None else None, "modes": {}}
-    for name, compile, cuda_graph, packed in modes or bench_modes(device, pack):
+    for name, compile, cuda_graph, packed in modes or bench_modes(device):
         model.load_state_dict(init)
         model.train()
         opt = make_optimizer(model, 1e-4, weight_decay)
@@ -1937,11 +1945,19 @@ def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes
             step(r)
         sync(device)
         setup = time.perf_counter() - t
+        step.stats.zero_()  # in place: a captured graph adds to this tensor
         t = time.perf_counter()
         for r in rows[warmup:warmup + steps]:
             step(r)
         sync(device)
         dt = (time.perf_counter() - t) / steps
+        weights = flat_params(model)
+        if first is None:
+            first = weights
+            if keep:
+                torch.save(first.cpu(), keep)
+        loss = (step.stats[0] / step.stats[2]).item()
+        off = lambda other: ((weights - other).norm() / (first - start).norm()).item()
         launches, kernels, busy_ms, ops = profile_step(lambda: step(rows[-1]), device)
         counter = OpCounter()
         if not (compile or cuda_graph):  # compiled code and graph replays bypass the dispatcher
@@ -1949,7 +1965,8 @@ def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes
                 step(rows[-1])
         res["modes"][name] = {
             "ms_per_step": 1e3 * dt, "ms_per_epoch": 1e3 * dt * sampler.steps_per_epoch,
-            "seqs_per_s": seqs / dt,
+            "seqs_per_s": seqs / dt, "loss": loss, "weights_off_first_mode": off(first),
+            "weights_off_reference": None if reference is None else off(reference),
             "tokens_per_step": run_tokens, "flops_per_step": run_flops,
             "model_flops_per_s": run_flops / dt, "mfu": run_flops / dt / peak, "warmup_s": setup,
             "launches_per_step": launches, "kernels_per_step": kernels, "busy_ms_per_step": busy_ms,
@@ -1971,6 +1988,11 @@ def benchmark(model, groups, batch_size, device, epochs, weight_decay=0.0, modes
         report(res)
     model.load_state_dict(init)
     return res
+
+
+def flat_params(model):
+    """Every parameter of the model in one fp32 vector (a copy)."""
+    return torch.cat([p.detach().float().flatten() for p in model.parameters()])
 
 
 def forever(sampler):

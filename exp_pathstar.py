@@ -17,15 +17,15 @@ import numpy as np
 import torch
 
 from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig, Phase, Vocab,
-                    add_adamw_flags, add_step_flags, arm_edges, arm_modes, arm_spectrum, autocast, benchmark,
-                    config_diff, curve_band, decode_answer, device_name, die, edge_group, edge_recall,
-                    epochs_to, geometric_level, hop_cosine, in_processes, k_for_energy, laplacian_eigs,
-                    linear_navigation, logit_lens, measures, navigation_score, neighbour_targets,
-                    node2vec_loss, one_seed, parse_with_presets, path_group, path_prompts, path_star,
-                    path_targets, peak_memory_gib, pick_device, plot_cosine_heatmap, plot_curves, plot_panels,
-                    prepare_out, preset_help, seed_everything, spectral_energy, spectral_share, split_arms,
-                    spread, step_modes, token_embeddings, train, train_node2vec, write_json, write_spread_csv,
-                    zigzag_reflection)
+                    add_adamw_flags, add_step_flags, arm_edges, arm_modes, arm_spectrum, autocast,
+                    bench_modes, benchmark, config_diff, curve_band, decode_answer, device_name, die,
+                    edge_group, edge_recall, epochs_to, geometric_level, hop_cosine, in_processes,
+                    k_for_energy, laplacian_eigs, linear_navigation, logit_lens, measures, navigation_score,
+                    neighbour_targets, node2vec_loss, one_seed, parse_with_presets, path_group, path_prompts,
+                    path_star, path_targets, peak_memory_gib, pick_device, plot_cosine_heatmap, plot_curves,
+                    plot_panels, prepare_out, preset_help, seed_everything, spectral_energy, spectral_share,
+                    split_arms, spread, step_modes, token_embeddings, train, train_node2vec, write_json,
+                    write_spread_csv, zigzag_reflection)
 
 # CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (docs/notes.md).
 # It keeps nanoGPT's AdamW (betas 0.95, clipping at 1, no decay on biases and norms): over seeds 0-2
@@ -136,6 +136,11 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     r.add_argument("--bench", action="store_true", help="time training steps of this configuration in each "
                    "step mode (eager, compiled, CUDA graph; packed too for a GPT), write --out/bench.json, "
                    "no training")
+    r.add_argument("--bench-modes", nargs="+", metavar="MODE", help="with --bench: time only these modes "
+                   "(names as in bench.json, e.g. compiled+graph+packed)")
+    r.add_argument("--bench-reference", metavar="FILE", help="with --bench: also measure every mode's "
+                   "weights after its timed steps against FILE, the bench_weights.pt of another --bench of "
+                   "this configuration (e.g. --bench-modes eager with GEOMEM_KERNELS=0)")
     add_step_flags(r)
     r.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
                    help="pack the short rows of a step (edges) into rows of the longest length, one forward "
@@ -184,6 +189,10 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
               (getattr(args, "parallel", 1) >= 1, "--parallel must be >= 1"),
               (not args.seeds or len(set(args.seeds)) == len(args.seeds), "--seeds must be distinct"),
               (not (args.seeds and args.bench), "--bench times one configuration; drop --seeds"),
+              (args.bench or not (args.bench_modes or args.bench_reference),
+               "--bench-modes and --bench-reference need --bench"),
+              (not args.bench_reference or os.path.isfile(args.bench_reference),
+               f"--bench-reference: no file {args.bench_reference}"),
               (not (args.pack and args.model != "gpt"), "--pack needs --model gpt (a scan has no mask)")]
     for ok, msg in checks:
         if not ok:
@@ -531,18 +540,33 @@ def run(args, device, data=None, measure=None):
     args.pack = pack_mode(args, device)  # resolved here, so metrics.json records what ran
     if args.bench:
         save = lambda res: write_json(os.path.join(args.out, "bench.json"), {**res, "config": vars(args)})
+        modes = bench_modes(device, pack=args.model == "gpt")
+        unknown = sorted(set(args.bench_modes or []) - {name for name, *_ in modes})
+        if unknown:
+            die(f"--bench-modes: no mode {', '.join(unknown)} on this device; its modes: "
+                f"{' '.join(name for name, *_ in modes)}")
+        reference = torch.load(args.bench_reference) if args.bench_reference else None
+        n_params = sum(p.numel() for p in model.parameters())
+        if reference is not None and reference.shape != (n_params,):
+            die(f"--bench-reference: {reference.numel()} weights there, {n_params} in this model")
         res = benchmark(model, phases[0].groups, phases[0].batch_size, device, phases[0].epochs,
-                        args.weight_decay, report=save, pack=args.model == "gpt")
+                        args.weight_decay, report=save,
+                        modes=[m for m in modes if not args.bench_modes or m[0] in args.bench_modes],
+                        keep=os.path.join(args.out, "bench_weights.pt"), reference=reference)
         res["config"] = vars(args)
         print(f"{res['device']}, {res['steps_per_epoch']} steps per epoch, peak "
               f"{res['peak_flops_per_s'] / 1e12:.2f} TFLOP/s ({torch.get_num_threads()} threads)")
+        first = next(iter(res["modes"]))
         for name, m in res["modes"].items():
             counts = "" if m["launches_per_step"] is None else (
                 f", {m['launches_per_step']} launches / {m['kernels_per_step']} kernels per step")
             counts += "" if m["aten_ops_per_step"] is None else f", {m['aten_ops_per_step']} aten ops/step"
             print(f"  {name:>21}: {m['ms_per_step']:8.2f} ms/step ({m['busy_ms_per_step']:.2f} busy), "
                   f"{m['ms_per_epoch']:9.1f} ms/epoch, {m['seqs_per_s']:8.0f} seqs/s, MFU {m['mfu']:6.1%}"
-                  f"{counts}; {args.epochs} epochs ~ {m['projected_train_minutes']:.1f} min")
+                  f"{counts}; {args.epochs} epochs ~ {m['projected_train_minutes']:.1f} min; loss "
+                  f"{m['loss']:.5f}, weights off {first}'s by {m['weights_off_first_mode']:.1e} of the update"
+                  + ("" if reference is None else
+                     f", off the reference's by {m['weights_off_reference']:.1e}"))
         return res
     if device == "cpu" and not args.quick and args.n * args.n_embd * args.n_layer > 10_000_000:
         print("warning: a GPU-sized configuration on the CPU; see the ETA on the progress bar "

@@ -97,6 +97,36 @@ def test_bench_writes_json(tmp_path, monkeypatch):
     # packing runs the model once per step instead of once per group: about half the ops
     ops = {k: m["aten_ops_per_step"] for k, m in b["modes"].items()}
     assert ops["compiled"] is None and ops["eager+packed"] < 0.6 * ops["eager"]
+    # every mode trains the same rows from the same weights: the same losses and weights (fp32 here)
+    losses = [m["loss"] for m in b["modes"].values()]
+    assert 1 < losses[0] < 10 and losses == pytest.approx([losses[0]] * 4, rel=1e-5)
+    assert [m["weights_off_first_mode"] < 1e-4 for m in b["modes"].values()] == [True] * 4
+    assert b["modes"]["eager"]["weights_off_first_mode"] == 0
+    assert all(m["weights_off_reference"] is None for m in b["modes"].values())
+    # --bench-modes: one mode alone, the same loss as in the run of all four, and the same weights
+    # as the first mode's there (--bench-reference); from another seed's start, far from them
+    monkeypatch.setattr(common, "peak_matmul_flops", lambda device: 3e9)
+    for seed, name in ((0, "compiled+packed"), (1, "eager")):
+        one = str(tmp_path / f"seed{seed}")
+        exp_pathstar.main(TINY + ["--bench", "--first-token-only", "--bench-modes", name, "--seed", str(seed),
+                                  "--bench-reference", os.path.join(out, "bench_weights.pt"), "--out", one])
+        [(got, m)] = json.load(open(os.path.join(one, "bench.json")))["modes"].items()
+        assert got == name and (m["weights_off_reference"] < 1e-4) == (seed == 0)
+        assert seed == 1 or m["loss"] == pytest.approx(losses[3], rel=1e-6)
+    assert m["weights_off_reference"] > 10  # the update of 7 steps is small against another init
+
+
+def test_bench_flags_one_line_errors(tmp_path, capsys):
+    other = tmp_path / "other.pt"
+    torch.save(torch.zeros(5), other)
+    for flags, msg in ((["--bench", "--bench-modes", "graph"], "no mode graph on this device; its modes: "
+                        "eager compiled eager+packed compiled+packed"),
+                       (["--bench-modes", "eager"], "--bench-modes and --bench-reference need --bench"),
+                       (["--bench", "--bench-reference", "none.pt"], "--bench-reference: no file none.pt"),
+                       (["--bench", "--bench-reference", str(other)], "--bench-reference: 5 weights there")):
+        with pytest.raises(SystemExit) as e:
+            exp_pathstar.main(TINY + flags + ["--out", str(tmp_path)])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags,msg", [
@@ -557,30 +587,58 @@ def test_readme_extension_example_runs(tmp_path):
     assert os.path.exists(tmp_path / "embeddings.npy")
 
 
-def test_gpu_script_falls_back_and_brings_back_what_the_device_tool_carries(tmp_path):
-    """.ci/gpu, the one call of a lent GPU, with a tiny config: if the bench fails with the four GPU
-    kernels on, it benches and trains with GEOMEM_KERNELS=0, and a --resume call keeps that; $OUT
-    holds six files within the device tool's limits (8 files, 16 MiB each, plain names)."""
-    shim = tmp_path / "bin"
-    shim.mkdir()
-    (shim / "python").write_text(  # a bench that fails unless the kernels are off
-        '#!/bin/sh\ncase " $* " in *" --bench "*) [ "$GEOMEM_KERNELS" = 0 ] || '
-        '{ echo "shim: the kernels failed" >&2; exit 1; };; esac\n'
-        f'exec {sys.executable} "$@"\n')
-    (shim / "python").chmod(0o755)
-    env = dict(os.environ, PATH=f"{shim}{os.pathsep}{os.environ['PATH']}", RUNS=str(tmp_path / "runs"),
+def gpu_script_env(tmp_path):
+    env = dict(os.environ, RUNS=str(tmp_path / "runs"),
                CONFIG=" ".join(TINY + ["--first-token-only", "--epochs", "30", "--n-layer", "1"]))
     env.pop("GEOMEM_KERNELS", None)
+    return env
+
+
+def run_gpu_script(env, out, flags=()):
+    """.ci/gpu with a 60 s budget for seed 3 into `out`; its log."""
+    done = subprocess.run(["bash", os.path.join(ROOT, ".ci", "gpu"), "60", "3", *flags], cwd=ROOT,
+                          env=dict(env, OUT=str(out)), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:]
+    return (out / "log.txt").read_text()
+
+
+def test_gpu_script_measures_the_kernels_against_the_eager_loop(tmp_path):
+    """.ci/gpu first benches the eager loop and the default mode with GEOMEM_KERNELS=0, then every
+    mode with the four GPU kernels, each mode's weights against the eager loop's, and trains with
+    the kernels. On the CPU the kernels do not run: every mode reaches the eager loop's weights."""
+    log = run_gpu_script(gpu_script_env(tmp_path), tmp_path / "out")
+    off = json.load(open(tmp_path / "out" / "bench_kernels_off.json"))["modes"]
+    on = json.load(open(tmp_path / "out" / "bench.json"))["modes"]
+    assert list(off) == ["eager", "compiled+packed"] and list(on)[-1] == "compiled+packed"  # the CPU's modes
+    assert [m["weights_off_reference"] < 1e-4 for m in on.values()] == [True] * len(on)
+    assert on["compiled+packed"]["loss"] == pytest.approx(off["compiled+packed"]["loss"], rel=1e-6)
+    assert "== compiled+packed, kernels on / off: " in log and "GEOMEM_KERNELS=1: " in log
+    assert len(os.listdir(tmp_path / "out")) == 7
+
+
+@pytest.mark.parametrize("kernels", ["fail", "differ"])
+def test_gpu_script_falls_back_and_brings_back_what_the_device_tool_carries(tmp_path, kernels):
+    """.ci/gpu, the one call of a lent GPU, with a tiny config: if the bench fails with the four GPU
+    kernels on, or reaches other weights than the eager loop (simulated by another seed), it trains
+    with GEOMEM_KERNELS=0, and a --resume call keeps that (run after a failure); $OUT holds the files
+    within the device tool's limits (8 files, 16 MiB each, plain names)."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    act = {"fail": 'echo "shim: the kernels failed" >&2; exit 1',
+           "differ": f'exec {sys.executable} "$@" --seed 1'}  # another start: other weights
+    (shim / "python").write_text(  # a bench with the kernels on: fails, or reaches other weights
+        '#!/bin/sh\ncase " $* " in *" --bench "*) [ "$GEOMEM_KERNELS" = 0 ] || '
+        f'{{ {act[kernels]}; }};; esac\nexec {sys.executable} "$@"\n')
+    (shim / "python").chmod(0o755)
+    env = dict(gpu_script_env(tmp_path), PATH=f"{shim}{os.pathsep}{os.environ['PATH']}")
     logs = []
-    for call, flags in (("first", []), ("resume", ["--resume"])):
+    for call, flags in (("first", []), ("resume", ["--resume"]))[:2 if kernels == "fail" else 1]:
         out = tmp_path / call
-        done = subprocess.run(["bash", os.path.join(ROOT, ".ci", "gpu"), "60", "3", *flags], cwd=ROOT,
-                              env=dict(env, OUT=str(out)), capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-2000:]
-        logs.append((out / "log.txt").read_text())
+        logs.append(run_gpu_script(env, out, flags))
         files = sorted(os.listdir(out))
+        bench = ["bench_kernels_off.json"] + ["bench.json"] * (kernels == "differ")
         assert files == sorted(["log.txt", "metrics.json", "accuracy.png", "geometry.png", "emb16.npz"]
-                               + ["bench.json"] * (call == "first"))
+                               + bench * (call == "first"))
         assert all((out / f).stat().st_size <= 16 * 2 ** 20 for f in files)
         m = json.load(open(out / "metrics.json"))
         assert m["epochs_done"] == 30 and m["config"]["seed"] == 3
@@ -589,7 +647,9 @@ def test_gpu_script_falls_back_and_brings_back_what_the_device_tool_carries(tmp_
         emb = np.load(tmp_path / "runs" / "gpu_seed3" / "embeddings.npy")
         assert z["emb"].dtype == np.float16 and np.allclose(z["emb"], emb, atol=1e-3)
         assert z["arms"].tolist() == g["arms"] and z["test_leaves"].tolist() == g["test_leaves"]
-    first, resumed = logs
-    assert "shim: the kernels failed" in first and "the bench failed: again with GEOMEM_KERNELS=0" in first
-    assert "GEOMEM_KERNELS=0: " in first and "GEOMEM_KERNELS=0: " in resumed and "== bench" not in resumed
-    assert json.load(open(tmp_path / "first" / "bench.json"))["modes"]
+    first, resumed = logs[0], logs[-1]
+    why = {"fail": "the bench failed: training with GEOMEM_KERNELS=0",
+           "differ": "the kernels' step is off the eager loop's: training with GEOMEM_KERNELS=0"}
+    assert why[kernels] in first and ("shim: the kernels failed" in first) == (kernels == "fail")
+    assert "GEOMEM_KERNELS=0: " in first and "GEOMEM_KERNELS=0: " in resumed
+    assert kernels == "differ" or "== bench" not in resumed
