@@ -95,6 +95,10 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     m.add_argument("--init", choices=["random", "spectral", "node2vec"], default="random",
                    help="node-token embeddings at init: N(0, 0.02), the graph's top eigenvectors, or a "
                    "Node2Vec model trained on the training edges (both scaled to the N(0, 0.02) norm)")
+    m.add_argument("--init-from", metavar="CKPT", help="start from the model weights of a checkpoint.pt (or "
+                   "a --snapshots file) of a run on the same graph, with a fresh optimizer and schedule, "
+                   "e.g. to train on at another rate; {seed} in the path becomes --seed (--resume: the "
+                   "run's own checkpoint wins)")
     m.add_argument("--aux-weight", type=float, default=0.0,
                    help="add this x the tied 1-hop Node2Vec loss of the node embeddings to every step")
     m.add_argument("--zigzag-penalty", type=float, default=0.0,
@@ -193,7 +197,8 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
                "--bench-modes and --bench-reference need --bench"),
               (not args.bench_reference or os.path.isfile(args.bench_reference),
                f"--bench-reference: no file {args.bench_reference}"),
-              (not (args.pack and args.model != "gpt"), "--pack needs --model gpt (a scan has no mask)")]
+              (not (args.pack and args.model != "gpt"), "--pack needs --model gpt (a scan has no mask)"),
+              (not (args.init_from and args.init != "random"), "--init-from replaces --init; drop one")]
     for ok, msg in checks:
         if not ok:
             die(msg)
@@ -483,6 +488,30 @@ def init_node_embeddings(model, data, args, device):
         model.wte.weight[:N] = (M * (0.02 * math.sqrt(N * C) / M.norm())).to(device)
 
 
+GRAPH_FLAGS = ("n", "l", "seed", "train_frac")  # the path-star, its split and node ids
+
+
+def init_from_checkpoint(model, args):
+    """--init-from: the model's weights from another run's checkpoint.pt (its config must name the
+    same graph: the node ids are what the weights store) or from a --snapshots state dict."""
+    path = args.init_from.format(seed=args.seed)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # missing, truncated or foreign
+        die(f"--init-from: cannot read {path}: {str(e).splitlines()[0][:200]}")
+    if "model" in state:  # a checkpoint.pt; a snapshot is the state dict itself
+        saved = state.get("config") or {}
+        other = [k for k in GRAPH_FLAGS if k in saved and saved[k] != getattr(args, k)]
+        if other:
+            die(f"--init-from: {path} was trained on another graph ({other[0]}={saved[other[0]]!r}, "
+                f"this run has {getattr(args, other[0])!r})")
+        state = state["model"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # another model's shapes or keys
+        die(f"--init-from: {path} holds another model: {str(e).splitlines()[1].strip()[:200]}")
+
+
 def headroom_reference(args, device, task=None):
     """Node2Vec on the sweep's graph (its training edges): k, the number of top eigenvectors that
     hold 95% of its energy (as exp_node2vec.py chooses it), and its geometry, written to
@@ -525,6 +554,8 @@ def run(args, device, data=None, measure=None):
     model = make_model(args, vocab.size).to(device)
     if args.init != "random":
         init_node_embeddings(model, data, args, device)
+    if args.init_from:
+        init_from_checkpoint(model, args)
     extra, N = [], vocab.num_nodes  # losses on the node rows of the token embedding
     if args.aux_weight:  # the Node2Vec objective
         targets = edge_targets(data, device)

@@ -358,6 +358,36 @@ def test_snapshots_keep_the_model_at_every_evaluation(tmp_path):
     exp_pathstar.make_model(args, len(last["wte.weight"])).load_state_dict(first)
 
 
+def test_init_from_starts_at_a_checkpoint_or_snapshot(tmp_path, monkeypatch, capsys):
+    """--init-from: training starts from the weights of another run's checkpoint.pt or snapshot
+    ({seed} in the path becomes --seed); another graph or another model: one line, exit 2."""
+    out = str(tmp_path / "seed0")
+    exp_pathstar.main(TINY + ["--epochs", "2", "--eval-every", "1", "--snapshots", "--out", out])
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["model"]
+    first = torch.load(os.path.join(out, "snapshots", "epoch000001.pt"))
+    assert not torch.equal(first["wte.weight"], ckpt["wte.weight"])
+    started = []
+
+    def train(model, *a, **k):  # records the weights training starts from, and stops
+        started.append({k: v.clone() for k, v in model.state_dict().items()})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exp_pathstar, "train", train)
+    for path, want in ((str(tmp_path / "seed{seed}" / "checkpoint.pt"), ckpt),
+                       (os.path.join(out, "snapshots", "epoch000001.pt"), first)):
+        with pytest.raises(KeyboardInterrupt):
+            exp_pathstar.main(TINY + ["--init-from", path, "--out", str(tmp_path / "b")])
+        assert started[-1].keys() == want.keys()
+        assert all(torch.equal(started[-1][k], want[k]) for k in want)
+    path = os.path.join(out, "checkpoint.pt")
+    for flags, msg in ((["--seed", "1"], "was trained on another graph (seed=0, this run has 1)"),
+                       (["--n-embd", "16"], "holds another model: size mismatch for wte.weight"),
+                       (["--init", "spectral"], "--init-from replaces --init")):
+        with pytest.raises(SystemExit) as e:
+            exp_pathstar.main(TINY + flags + ["--init-from", path, "--out", str(tmp_path / "c")])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
 def test_packed_run_trains_as_the_unpacked_one(tmp_path):
     """--pack (full paths: several loss positions per row; edges 4 to a row) ends with the
     weights and the evaluations of the same run without it."""
