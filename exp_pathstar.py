@@ -508,8 +508,9 @@ def init_from_checkpoint(model, args):
         state = state["model"]
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:  # another model's shapes or keys
-        die(f"--init-from: {path} holds another model: {str(e).splitlines()[1].strip()[:200]}")
+    except RuntimeError as e:  # another model's shapes or keys: the first of them
+        lines = str(e).splitlines()
+        die(f"--init-from: {path} holds another model: {lines[min(1, len(lines) - 1)].strip()[:200]}")
 
 
 def headroom_reference(args, device, task=None):
