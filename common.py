@@ -1679,16 +1679,22 @@ def config_diff(saved, config):
     return [k for k in keys if k not in RESUME_FREE and saved.get(k) != config.get(k)]
 
 
+def read_torch_file(path, flag):
+    """torch.load of a file a flag names, every tensor on the CPU; a missing, truncated or foreign
+    file stops the run with one line naming the flag."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        die(f"{flag}: cannot read {path}: {str(e).splitlines()[0][:200]}")
+
+
 def load_checkpoint(path, config):
     """The checkpoint at `path`, every tensor on the CPU: RNG states must stay there (torch takes
     them only as CPU byte tensors), and load_state_dict moves weights and AdamW moments to the
     model's device."""
     if not path or not os.path.exists(path):
         die(f"--resume: no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        die(f"--resume: cannot read checkpoint {path}: {e}")
+    ckpt = read_torch_file(path, "--resume")
     saved = ckpt.get("config") or {}
     diff = config_diff(saved, config)
     if diff:

@@ -23,9 +23,9 @@ from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Nod
                     k_for_energy, laplacian_eigs, linear_navigation, logit_lens, measures, navigation_score,
                     neighbour_targets, node2vec_loss, one_seed, parse_with_presets, path_group, path_prompts,
                     path_star, path_targets, peak_memory_gib, pick_device, plot_cosine_heatmap, plot_curves,
-                    plot_panels, prepare_out, preset_help, seed_everything, spectral_energy, spectral_share,
-                    split_arms, spread, step_modes, token_embeddings, train, train_node2vec, write_json,
-                    write_spread_csv, zigzag_reflection)
+                    plot_panels, prepare_out, preset_help, read_torch_file, seed_everything, spectral_energy,
+                    spectral_share, split_arms, spread, step_modes, token_embeddings, train, train_node2vec,
+                    write_json, write_spread_csv, zigzag_reflection)
 
 # CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (docs/notes.md).
 # It keeps nanoGPT's AdamW (betas 0.95, clipping at 1, no decay on biases and norms): over seeds 0-2
@@ -495,10 +495,7 @@ def init_from_checkpoint(model, args):
     """--init-from: the model's weights from another run's checkpoint.pt (its config must name the
     same graph: the node ids are what the weights store) or from a --snapshots state dict."""
     path = args.init_from.format(seed=args.seed)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # missing, truncated or foreign
-        die(f"--init-from: cannot read {path}: {str(e).splitlines()[0][:200]}")
+    state = read_torch_file(path, "--init-from")
     if "model" in state:  # a checkpoint.pt; a snapshot is the state dict itself
         saved = state.get("config") or {}
         other = [k for k in GRAPH_FLAGS if k in saved and saved[k] != getattr(args, k)]
@@ -577,8 +574,10 @@ def run(args, device, data=None, measure=None):
         if unknown:
             die(f"--bench-modes: no mode {', '.join(unknown)} on this device; its modes: "
                 f"{' '.join(name for name, *_ in modes)}")
-        reference = torch.load(args.bench_reference) if args.bench_reference else None
+        reference = args.bench_reference and read_torch_file(args.bench_reference, "--bench-reference")
         n_params = sum(p.numel() for p in model.parameters())
+        if reference is not None and not isinstance(reference, torch.Tensor):
+            die(f"--bench-reference: {args.bench_reference} is not a bench's bench_weights.pt")
         if reference is not None and reference.shape != (n_params,):
             die(f"--bench-reference: {reference.numel()} weights there, {n_params} in this model")
         res = benchmark(model, phases[0].groups, phases[0].batch_size, device, phases[0].epochs,

@@ -117,13 +117,17 @@ def test_bench_writes_json(tmp_path, monkeypatch):
 
 
 def test_bench_flags_one_line_errors(tmp_path, capsys):
-    other = tmp_path / "other.pt"
+    other, junk, ckpt = tmp_path / "other.pt", tmp_path / "junk.pt", tmp_path / "ckpt.pt"
     torch.save(torch.zeros(5), other)
+    junk.write_text("not a torch file")
+    torch.save({"model": {}}, ckpt)
     for flags, msg in ((["--bench", "--bench-modes", "graph"], "no mode graph on this device; its modes: "
                         "eager compiled eager+packed compiled+packed"),
                        (["--bench-modes", "eager"], "--bench-modes and --bench-reference need --bench"),
                        (["--bench", "--bench-reference", "none.pt"], "--bench-reference: no file none.pt"),
-                       (["--bench", "--bench-reference", str(other)], "--bench-reference: 5 weights there")):
+                       (["--bench", "--bench-reference", str(other)], "--bench-reference: 5 weights there"),
+                       (["--bench", "--bench-reference", str(junk)], "--bench-reference: cannot read"),
+                       (["--bench", "--bench-reference", str(ckpt)], "is not a bench's bench_weights.pt")):
         with pytest.raises(SystemExit) as e:
             exp_pathstar.main(TINY + flags + ["--out", str(tmp_path)])
         assert e.value.code == 2 and msg in capsys.readouterr().err
