@@ -104,6 +104,15 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     m.add_argument("--zigzag-penalty", type=float, default=0.0,
                    help="add this x the share of the node embeddings' energy in the path-star's arm modes "
                    "at mu < 0 (zigzags, §4.4; common.arm_spectrum) to every step")
+    m.add_argument("--grad-noise", type=float, default=0.0, metavar="STD",
+                   help="add N(0, STD^2) to every coordinate of the gradient at every step, before clipping "
+                   "and AdamW (beyond the paper: does noise other than the batches' move a stuck run?)")
+    m.add_argument("--grad-noise-std", metavar="FILE", help="--grad-noise with a std per coordinate: a "
+                   "state dict of the model's names and shapes (e.g. the batches' own noise, measured; "
+                   "docs/results.md); {seed} in the path becomes --seed")
+    m.add_argument("--grad-noise-in", choices=["all", "embeddings"], default="all",
+                   help="--grad-noise in every parameter, or only in the token embeddings (where most of "
+                   "the batches' own noise lies)")
     m.add_argument("--freeze-embeddings", action="store_true",
                    help="keep the (tied) token embeddings at their init (App. E.1 control)")
     o = p.add_argument_group("optimization")
@@ -190,6 +199,8 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
               (args.spectral_k >= 0 and args.n2v_steps >= 1 and args.aux_weight >= 0,
                "--spectral-k and --aux-weight must be >= 0, --n2v-steps >= 1"),
               (args.zigzag_penalty >= 0, "--zigzag-penalty must be >= 0"),
+              (args.grad_noise >= 0, "--grad-noise must be >= 0"),
+              (not (args.grad_noise and args.grad_noise_std), "--grad-noise and --grad-noise-std: one of them"),
               (getattr(args, "parallel", 1) >= 1, "--parallel must be >= 1"),
               (not args.seeds or len(set(args.seeds)) == len(args.seeds), "--seeds must be distinct"),
               (not (args.seeds and args.bench), "--bench times one configuration; drop --seeds"),
@@ -456,6 +467,27 @@ def edge_targets(data, device):
     return neighbour_targets(np.maximum(A, A.T), device)
 
 
+def gradient_noise(params, stds):
+    """A loss whose gradient in `params` is stds x N(0, 1), drawn afresh at each call (one std per
+    parameter: a number, or a tensor of its shape): added to a step's loss (an `aux` of
+    common.train), Gaussian noise on the gradient, which clipping and AdamW then treat as they treat
+    the batches' own noise. Its value means nothing."""
+    return lambda: sum((torch.randn_like(p) * s * p).sum() for p, s in zip(params, stds))
+
+
+def noise_stds(args, named, device):
+    """--grad-noise's std for each of `named` (name -> parameter): --grad-noise, or the tensors of
+    --grad-noise-std's file, checked against the model's names and shapes."""
+    if not args.grad_noise_std:
+        return [args.grad_noise] * len(named)
+    path = args.grad_noise_std.format(seed=args.seed)
+    stds = read_torch_file(path, "--grad-noise-std")
+    for name, p in named.items():
+        if not isinstance(stds, dict) or getattr(stds.get(name), "shape", None) != p.shape:
+            die(f"--grad-noise-std: {path} has no std of shape {tuple(p.shape)} for {name}")
+    return [stds[name].to(device, torch.float32) for name in named]
+
+
 _NODE2VEC = {}  # one Node2Vec per edge set, width, steps and seed: the sweep's arms share it
 
 
@@ -563,6 +595,11 @@ def run(args, device, data=None, measure=None):
             die("--zigzag-penalty needs a path-star: arm modes are not defined when arms share nodes")
         arms = torch.tensor(data["arms"], device=device)
         extra.append(lambda: args.zigzag_penalty * arm_spectrum(model.wte.weight[:N], arms)[2])
+    if args.grad_noise or args.grad_noise_std:  # beyond the paper: Gaussian noise instead of the batches'
+        embeddings_only = args.grad_noise_in == "embeddings"
+        noisy = model.wte.named_parameters("wte") if embeddings_only else model.named_parameters()
+        noisy = {n: p for n, p in noisy if p.requires_grad}
+        extra.append(gradient_noise(list(noisy.values()), noise_stds(args, noisy, device)))
     aux = (lambda: sum(loss() for loss in extra)) if extra else None
     phases = phases_for(data, args, device)
     compile, cuda_graph = step_modes(args, device)

@@ -143,6 +143,8 @@ def test_bench_flags_one_line_errors(tmp_path, capsys):
     (["--n", "3", "--train-frac", "0.1"], "empty split"),
     (["--aux-weight", "-1"], "--aux-weight must be >= 0"),
     (["--zigzag-penalty", "-1"], "--zigzag-penalty must be >= 0"),
+    (["--grad-noise", "-1"], "--grad-noise must be >= 0"),
+    (["--grad-noise", "1", "--grad-noise-std", "f.pt"], "--grad-noise and --grad-noise-std: one of them"),
     (["--n2v-steps", "0"], "--n2v-steps >= 1"),
     (["--spectral-k", "100000"], "--spectral-k must be at most"),
     (["--model", "mamba", "--pack"], "--pack needs --model gpt"),
@@ -289,6 +291,63 @@ def test_zigzag_penalty_removes_zigzags(tmp_path):
                                                "--out", str(tmp_path / w)])["history"][-1]["zigzag_share"]
     plain, penalized = share("0"), share("10")
     assert plain > 0.1 and penalized < 0.25 * plain
+
+
+def test_grad_noise_adds_gaussian_noise_to_the_gradient():
+    """gradient_noise's gradient is std x N(0, 1) in every coordinate, on top of the loss's own
+    gradient, and fresh at every call."""
+    torch.manual_seed(0)
+    W, b = torch.zeros(300, 200, requires_grad=True), torch.ones(1000, requires_grad=True)
+    noise = exp_pathstar.gradient_noise([W, b], [0.03, 0.03])
+    (b.square().sum() + noise()).backward()
+    first = torch.cat([W.grad.flatten(), b.grad - 2])  # the loss's gradient in b is 2 b = 2
+    assert abs(first.std().item() - 0.03) < 0.0006 and abs(first.mean().item()) < 0.0006
+    W.grad, b.grad = None, None
+    noise().backward()
+    second = torch.cat([W.grad.flatten(), b.grad])
+    assert abs(torch.corrcoef(torch.stack([first, second]))[0, 1].item()) < 0.02
+
+
+def test_grad_noise_std_per_coordinate(tmp_path, capsys):
+    """--grad-noise-std's file sets each coordinate's std (here 0 in one half of a weight, 0.05 in
+    the other); a file without the model's names and shapes stops the run with one line."""
+    torch.manual_seed(0)
+    W = torch.zeros(400, 500, requires_grad=True)
+    std = torch.cat([torch.zeros(200, 500), torch.full((200, 500), 0.05)])
+    exp_pathstar.gradient_noise([W], [std])().backward()
+    assert torch.equal(W.grad[:200], torch.zeros(200, 500))
+    assert abs(W.grad[200:].std().item() - 0.05) < 0.001
+    path = tmp_path / "std.pt"
+    torch.save({"wte.weight": torch.ones(3, 3)}, path)
+    with pytest.raises(SystemExit) as e:
+        exp_pathstar.main(TINY + ["--epochs", "1", "--grad-noise-std", str(path), "--out", str(tmp_path / "r")])
+    assert e.value.code == 2 and "--grad-noise-std: " in capsys.readouterr().err
+
+
+def test_grad_noise_reaches_the_training_step(tmp_path):
+    """--grad-noise changes what a run learns; --grad-noise 0 is the run without it, bit for bit."""
+    emb = {}
+    for std in ("0", "0.0", "0.5"):
+        exp_pathstar.main(TINY + ["--epochs", "3", "--eval-every", "3", "--warmup", "0", "--grad-noise", std,
+                                  "--out", str(tmp_path / std)])
+        emb[std] = np.load(tmp_path / std / "embeddings.npy")
+    assert np.array_equal(emb["0"], emb["0.0"])
+    assert np.abs(emb["0.5"] - emb["0"]).mean() > 0.1 * np.abs(emb["0"]).mean()
+
+
+def test_grad_noise_in_embeddings_leaves_the_other_gradients_alone(tmp_path):
+    """After one step (G(24, 4): one step per epoch) with --grad-noise-in embeddings only the token
+    embeddings differ from the run without noise (no clipping, which would scale every gradient);
+    with the default (all) every weight does."""
+    def weights(*flags):
+        out = str(tmp_path / "_".join(flags or ("plain",)))
+        exp_pathstar.main(TINY + ["--epochs", "1", "--warmup", "0", "--grad-clip", "0", *flags, "--out", out])
+        return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["model"]
+    plain, emb, every = (weights(), weights("--grad-noise", "0.5", "--grad-noise-in", "embeddings"),
+                         weights("--grad-noise", "0.5"))
+    for name, w in plain.items():
+        assert torch.equal(emb[name], w) == (name != "wte.weight"), name
+        assert not torch.equal(every[name], w), name
 
 
 def test_diverged_run_stops_with_one_line(tmp_path, capsys):
