@@ -15,17 +15,18 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig, Phase, Vocab,
                     add_adamw_flags, add_step_flags, arm_edges, arm_modes, arm_spectrum, autocast,
                     bench_modes, benchmark, config_diff, curve_band, decode_answer, device_name, die,
                     edge_group, edge_recall, epochs_to, geometric_level, hop_cosine, in_processes,
-                    k_for_energy, laplacian_eigs, linear_navigation, logit_lens, measures, navigation_score,
-                    neighbour_targets, node2vec_loss, one_seed, parse_with_presets, path_group, path_prompts,
-                    path_star, path_targets, peak_memory_gib, pick_device, plot_cosine_heatmap, plot_curves,
-                    plot_panels, prepare_out, preset_help, read_torch_file, seed_everything, spectral_energy,
-                    spectral_share, split_arms, spread, step_modes, token_embeddings, train, train_node2vec,
-                    write_json, write_spread_csv, zigzag_reflection)
+                    k_for_energy, laplacian_eigs, linear_navigation, logit_lens, loss_tail, measures,
+                    navigation_score, neighbour_targets, node2vec_loss, one_seed, parse_with_presets,
+                    path_group, path_prompts, path_star, path_targets, peak_memory_gib, pick_device,
+                    plot_cosine_heatmap, plot_curves, plot_panels, prepare_out, preset_help, read_torch_file,
+                    seed_everything, spectral_energy, spectral_share, split_arms, spread, step_modes,
+                    token_embeddings, train, train_node2vec, write_json, write_spread_csv, zigzag_reflection)
 
 # CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (docs/notes.md).
 # It keeps nanoGPT's AdamW (betas 0.95, clipping at 1, no decay on biases and norms): over seeds 0-2
@@ -110,6 +111,9 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     m.add_argument("--grad-noise-std", metavar="FILE", help="--grad-noise with a std per coordinate: a "
                    "state dict of the model's names and shapes (e.g. the batches' own noise, measured; "
                    "docs/results.md); {seed} in the path becomes --seed")
+    m.add_argument("--grad-noise-rows", type=int, default=0, metavar="B",
+                   help="on whole-epoch batches: Gaussian noise with the covariance of the gradient noise of "
+                   "batches of B rows (each row's loss weighted by a Gaussian draw; Wu et al. 2020)")
     m.add_argument("--grad-noise-in", choices=["all", "embeddings"], default="all",
                    help="--grad-noise in every parameter, or only in the token embeddings (where most of "
                    "the batches' own noise lies)")
@@ -201,6 +205,7 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
               (args.zigzag_penalty >= 0, "--zigzag-penalty must be >= 0"),
               (args.grad_noise >= 0, "--grad-noise must be >= 0"),
               (not (args.grad_noise and args.grad_noise_std), "--grad-noise and --grad-noise-std: one of them"),
+              (args.grad_noise_rows >= 0, "--grad-noise-rows must be >= 0"),
               (getattr(args, "parallel", 1) >= 1, "--parallel must be >= 1"),
               (not args.seeds or len(set(args.seeds)) == len(args.seeds), "--seeds must be distinct"),
               (not (args.seeds and args.bench), "--bench times one configuration; drop --seeds"),
@@ -488,6 +493,30 @@ def noise_stds(args, named, device):
     return [stds[name].to(device, torch.float32) for name in named]
 
 
+def batch_noise(model, groups, rows):
+    """A loss whose gradient, on a step over every row of `groups` ((X, Y), Y cut by `loss_tail`), is
+    Gaussian noise with the covariance of the gradient noise of batches of `rows` rows drawn without
+    replacement: each row's loss weighted by c (xi - mean xi), xi ~ N(0, 1) per row, drawn afresh at
+    each call (Wu et al. 2020, "On the noisy gradient descent that generalizes as SGD"). With n rows
+    and one loss token per row, its gradient is (c / n) sum_i (xi_i - mean xi) g_i, of covariance
+    c^2 (1 - 1/n) / n x the rows' gradient covariance, which c^2 = n (n - rows) / ((n - 1) rows) makes
+    the batches'."""
+    n = sum(len(X) for X, _ in groups)
+    tokens = sum(int((Y >= 0).sum()) for _, Y in groups)
+    c = math.sqrt(n * (n - rows) / ((n - 1) * rows))
+
+    def loss():
+        xi = torch.randn(n, device=groups[0][0].device)
+        weights, total = (c * (xi - xi.mean())).split([len(X) for X, _ in groups]), 0.0
+        for (X, Y), w in zip(groups, weights):
+            logits, _ = model(X, Y)
+            per_token = F.cross_entropy(logits.flatten(0, 1).float(), Y.flatten(), ignore_index=-1,
+                                        reduction="none")
+            total = total + (w * per_token.view(len(X), -1).sum(1)).sum()
+        return total / tokens
+    return loss
+
+
 _NODE2VEC = {}  # one Node2Vec per edge set, width, steps and seed: the sweep's arms share it
 
 
@@ -600,8 +629,14 @@ def run(args, device, data=None, measure=None):
         noisy = model.wte.named_parameters("wte") if embeddings_only else model.named_parameters()
         noisy = {n: p for n, p in noisy if p.requires_grad}
         extra.append(gradient_noise(list(noisy.values()), noise_stds(args, noisy, device)))
-    aux = (lambda: sum(loss() for loss in extra)) if extra else None
     phases = phases_for(data, args, device)
+    if args.grad_noise_rows:  # beyond the paper: the batches' noise, Gaussian, on whole-epoch batches
+        groups = [loss_tail(*g) for g in phases[0].groups]
+        if len(phases) > 1 or sum(len(X) for X, _ in groups) > phases[0].batch_size:
+            die("--grad-noise-rows needs whole-epoch batches: --batch-size at least the rows of an epoch "
+                f"({sum(len(X) for X, _ in groups)}), one phase")
+        extra.append(batch_noise(model, groups, args.grad_noise_rows))
+    aux = (lambda: sum(loss() for loss in extra)) if extra else None
     compile, cuda_graph = step_modes(args, device)
     args.pack = pack_mode(args, device)  # resolved here, so metrics.json records what ran
     if args.bench:
