@@ -115,8 +115,8 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
                    help="on whole-epoch batches: Gaussian noise with the covariance of the gradient noise of "
                    "batches of B rows (each row's loss weighted by a Gaussian draw; Wu et al. 2020)")
     m.add_argument("--grad-noise-in", choices=["all", "embeddings"], default="all",
-                   help="--grad-noise in every parameter, or only in the token embeddings (where most of "
-                   "the batches' own noise lies)")
+                   help="--grad-noise (-std) in every parameter, or only in the token embeddings (where "
+                   "most of the batches' own noise lies)")
     m.add_argument("--freeze-embeddings", action="store_true",
                    help="keep the (tied) token embeddings at their init (App. E.1 control)")
     o = p.add_argument_group("optimization")
@@ -498,9 +498,9 @@ def batch_noise(model, groups, rows):
     Gaussian noise with the covariance of the gradient noise of batches of `rows` rows drawn without
     replacement: each row's loss weighted by c (xi - mean xi), xi ~ N(0, 1) per row, drawn afresh at
     each call (Wu et al. 2020, "On the noisy gradient descent that generalizes as SGD"). With n rows
-    and one loss token per row, its gradient is (c / n) sum_i (xi_i - mean xi) g_i, of covariance
-    c^2 (1 - 1/n) / n x the rows' gradient covariance, which c^2 = n (n - rows) / ((n - 1) rows) makes
-    the batches'."""
+    and one loss token per row, its gradient is (c / n) sum_i (xi_i - mean xi) (g_i - mean g), of
+    covariance c^2 / n x the rows' gradient covariance; a batch's is (n - rows) / ((n - 1) rows) x it,
+    hence c."""
     n = sum(len(X) for X, _ in groups)
     tokens = sum(int((Y >= 0).sum()) for _, Y in groups)
     c = math.sqrt(n * (n - rows) / ((n - 1) * rows))
