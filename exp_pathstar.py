@@ -632,9 +632,10 @@ def run(args, device, data=None, measure=None):
     phases = phases_for(data, args, device)
     if args.grad_noise_rows:  # beyond the paper: the batches' noise, Gaussian, on whole-epoch batches
         groups = [loss_tail(*g) for g in phases[0].groups]
-        if len(phases) > 1 or sum(len(X) for X, _ in groups) > phases[0].batch_size:
+        epoch_rows = sum(len(X) for X, _ in groups)
+        if len(phases) > 1 or epoch_rows > phases[0].batch_size:
             die("--grad-noise-rows needs whole-epoch batches: --batch-size at least the rows of an epoch "
-                f"({sum(len(X) for X, _ in groups)}), one phase")
+                f"({epoch_rows}), one phase")
         extra.append(batch_noise(model, groups, args.grad_noise_rows))
     aux = (lambda: sum(loss() for loss in extra)) if extra else None
     compile, cuda_graph = step_modes(args, device)
