@@ -5,6 +5,7 @@ graph and learns paths for 75% of its leaves; can it find the path from a held-o
   python exp_pathstar.py --n 5000 --first-token-only      # the paper's setting, one GPU
 """
 import argparse
+import copy
 import csv
 import hashlib
 import json
@@ -114,6 +115,9 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     m.add_argument("--grad-noise-rows", type=int, default=0, metavar="B",
                    help="on whole-epoch batches: Gaussian noise with the covariance of the gradient noise of "
                    "batches of B rows (each row's loss weighted by a Gaussian draw; Wu et al. 2020)")
+    m.add_argument("--grad-noise-rows-at", choices=["current", "start"], default="current",
+                   help="--grad-noise-rows's covariance at the current weights, or held at the weights the "
+                   "run starts from (--init-from's, or the init): noise that does not follow the weights")
     m.add_argument("--grad-noise-in", choices=["all", "embeddings"], default="all",
                    help="--grad-noise (-std) in every parameter, or only in the token embeddings (where "
                    "most of the batches' own noise lies)")
@@ -206,6 +210,8 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
               (args.grad_noise >= 0, "--grad-noise must be >= 0"),
               (not (args.grad_noise and args.grad_noise_std), "--grad-noise and --grad-noise-std: one of them"),
               (args.grad_noise_rows >= 0, "--grad-noise-rows must be >= 0"),
+              (args.grad_noise_rows or args.grad_noise_rows_at == "current",
+               "--grad-noise-rows-at needs --grad-noise-rows"),
               (getattr(args, "parallel", 1) >= 1, "--parallel must be >= 1"),
               (not args.seeds or len(set(args.seeds)) == len(args.seeds), "--seeds must be distinct"),
               (not (args.seeds and args.bench), "--bench times one configuration; drop --seeds"),
@@ -517,6 +523,21 @@ def batch_noise(model, groups, rows):
     return loss
 
 
+def held_at_start(model, make_loss):
+    """A loss whose gradient in `model`'s weights is the gradient of `make_loss(start)` at `start`, a
+    frozen copy of `model` as it is now: e.g. batch_noise drawn with the covariance of the weights a
+    run starts from, for the whole run, where batch_noise(model, ...) follows the weights as they move.
+    Its value means nothing."""
+    start = copy.deepcopy(model)
+    at_start = make_loss(start)
+    pairs = [(q, p) for q, p in zip(start.parameters(), model.parameters()) if p.requires_grad]
+
+    def loss():
+        grads = torch.autograd.grad(at_start(), [q for q, _ in pairs], allow_unused=True)
+        return sum((g * p).sum() for g, (_, p) in zip(grads, pairs) if g is not None)
+    return loss
+
+
 _NODE2VEC = {}  # one Node2Vec per edge set, width, steps and seed: the sweep's arms share it
 
 
@@ -636,7 +657,8 @@ def run(args, device, data=None, measure=None):
         if len(phases) > 1 or epoch_rows > phases[0].batch_size:
             die("--grad-noise-rows needs whole-epoch batches: --batch-size at least the rows of an epoch "
                 f"({epoch_rows}), one phase")
-        extra.append(batch_noise(model, groups, args.grad_noise_rows))
+        noise = lambda m: batch_noise(m, groups, args.grad_noise_rows)
+        extra.append(held_at_start(model, noise) if args.grad_noise_rows_at == "start" else noise(model))
     aux = (lambda: sum(loss() for loss in extra)) if extra else None
     compile, cuda_graph = step_modes(args, device)
     args.pack = pack_mode(args, device)  # resolved here, so metrics.json records what ran

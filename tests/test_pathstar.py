@@ -1,4 +1,5 @@
 import argparse
+import copy
 import csv
 import json
 import os
@@ -146,6 +147,7 @@ def test_bench_flags_one_line_errors(tmp_path, capsys):
     (["--grad-noise", "-1"], "--grad-noise must be >= 0"),
     (["--grad-noise", "1", "--grad-noise-std", "f.pt"], "--grad-noise and --grad-noise-std: one of them"),
     (["--grad-noise-rows", "8", "--batch-size", "16"], "--grad-noise-rows needs whole-epoch batches"),
+    (["--grad-noise-rows-at", "start"], "--grad-noise-rows-at needs --grad-noise-rows"),
     (["--n2v-steps", "0"], "--n2v-steps >= 1"),
     (["--spectral-k", "100000"], "--spectral-k must be at most"),
     (["--model", "mamba", "--pack"], "--pack needs --model gpt"),
@@ -356,6 +358,33 @@ def test_batch_noise_has_the_batches_covariance():
     noise_var = torch.stack([grad(noise()) for _ in range(400)]).var(0).sum()
     batches = torch.stack([g[torch.randperm(n)[:rows]].mean(0) for _ in range(4000)])
     assert abs(noise_var / (batches - g.mean(0)).square().mean(0).sum() - 1) < 0.15
+
+
+def test_noise_held_at_start_is_drawn_at_the_starting_weights():
+    """held_at_start(model, batch_noise) hands `model` the noise batch_noise draws at a copy of the
+    weights it started from: after the weights move, the same draw as at an untouched copy of them
+    (to 1e-6), not the one at the moved weights."""
+    torch.manual_seed(0)
+    args = exp_pathstar.get_args(["--quick", "--first-token-only", "--n", "6", "--l", "3", "--n-embd",
+                                  "16", "--n-head", "2", "--n-layer", "1"])
+    data = exp_pathstar.build(args)
+    model = exp_pathstar.make_model(args, data["vocab"].size)
+    groups = [common.loss_tail(*g) for g in exp_pathstar.phases_for(data, args, "cpu")[0].groups]
+    untouched = copy.deepcopy(model)
+    held = exp_pathstar.held_at_start(model, lambda m: exp_pathstar.batch_noise(m, groups, 8))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+
+    def drawn(m, loss):
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss().backward()
+        return torch.cat([p.grad.flatten() for p in m.parameters()])
+    at_start = drawn(model, held)
+    assert torch.allclose(at_start, drawn(untouched, exp_pathstar.batch_noise(untouched, groups, 8)), atol=1e-6)
+    moved = drawn(model, exp_pathstar.batch_noise(model, groups, 8))
+    assert (at_start - moved).norm() > 0.1 * moved.norm()
 
 
 def test_grad_noise_reaches_the_training_step(tmp_path):
