@@ -382,7 +382,8 @@ def test_noise_held_at_start_is_drawn_at_the_starting_weights():
         loss().backward()
         return torch.cat([p.grad.flatten() for p in m.parameters()])
     at_start = drawn(model, held)
-    assert torch.allclose(at_start, drawn(untouched, exp_pathstar.batch_noise(untouched, groups, 8)), atol=1e-6)
+    same_draw = drawn(untouched, exp_pathstar.batch_noise(untouched, groups, 8))
+    assert torch.allclose(at_start, same_draw, atol=1e-6)
     moved = drawn(model, exp_pathstar.batch_noise(model, groups, 8))
     assert (at_start - moved).norm() > 0.1 * moved.norm()
 
