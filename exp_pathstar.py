@@ -118,6 +118,9 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     m.add_argument("--grad-noise-rows-at", choices=["current", "start"], default="current",
                    help="--grad-noise-rows's covariance at the current weights, or held at the weights the "
                    "run starts from (--init-from's, or the init): noise that does not follow the weights")
+    m.add_argument("--grad-noise-rows-scrambled", action="store_true",
+                   help="--grad-noise-rows moved by one fixed random signed permutation of each tensor's "
+                   "coordinates: the same covariance spectrum and total per tensor, along other directions")
     m.add_argument("--grad-noise-in", choices=["all", "embeddings"], default="all",
                    help="--grad-noise (-std) in every parameter, or only in the token embeddings (where "
                    "most of the batches' own noise lies)")
@@ -212,6 +215,8 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
               (args.grad_noise_rows >= 0, "--grad-noise-rows must be >= 0"),
               (args.grad_noise_rows or args.grad_noise_rows_at == "current",
                "--grad-noise-rows-at needs --grad-noise-rows"),
+              (args.grad_noise_rows or not args.grad_noise_rows_scrambled,
+               "--grad-noise-rows-scrambled needs --grad-noise-rows"),
               (getattr(args, "parallel", 1) >= 1, "--parallel must be >= 1"),
               (not args.seeds or len(set(args.seeds)) == len(args.seeds), "--seeds must be distinct"),
               (not (args.seeds and args.bench), "--bench times one configuration; drop --seeds"),
@@ -538,6 +543,22 @@ def held_at_start(model, make_loss):
     return loss
 
 
+def scrambled(make_loss, params, seed=0):
+    """A loss whose gradient in `params` is `make_loss()`'s with each tensor's coordinates moved by one
+    random signed permutation, fixed for the run (an orthogonal map): Gaussian noise keeps its
+    covariance's spectrum and each tensor's total, but no longer lies along the examples' own
+    gradients. Its value means nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    perms = [torch.randperm(p.numel(), generator=gen).to(p.device) for p in params]
+    signs = [(2 * torch.randint(0, 2, (p.numel(),), generator=gen) - 1).to(p.device, p.dtype) for p in params]
+
+    def loss():
+        grads = torch.autograd.grad(make_loss(), params, allow_unused=True)
+        return sum((g.flatten()[i] * sign * p.flatten()).sum()
+                   for g, i, sign, p in zip(grads, perms, signs, params) if g is not None)
+    return loss
+
+
 _NODE2VEC = {}  # one Node2Vec per edge set, width, steps and seed: the sweep's arms share it
 
 
@@ -658,7 +679,10 @@ def run(args, device, data=None, measure=None):
             die("--grad-noise-rows needs whole-epoch batches: --batch-size at least the rows of an epoch "
                 f"({epoch_rows}), one phase")
         noise = lambda m: batch_noise(m, groups, args.grad_noise_rows)
-        extra.append(held_at_start(model, noise) if args.grad_noise_rows_at == "start" else noise(model))
+        noise = held_at_start(model, noise) if args.grad_noise_rows_at == "start" else noise(model)
+        if args.grad_noise_rows_scrambled:
+            noise = scrambled(noise, [p for p in model.parameters() if p.requires_grad], seed=args.seed)
+        extra.append(noise)
     aux = (lambda: sum(loss() for loss in extra)) if extra else None
     compile, cuda_graph = step_modes(args, device)
     args.pack = pack_mode(args, device)  # resolved here, so metrics.json records what ran

@@ -148,6 +148,7 @@ def test_bench_flags_one_line_errors(tmp_path, capsys):
     (["--grad-noise", "1", "--grad-noise-std", "f.pt"], "--grad-noise and --grad-noise-std: one of them"),
     (["--grad-noise-rows", "8", "--batch-size", "16"], "--grad-noise-rows needs whole-epoch batches"),
     (["--grad-noise-rows-at", "start"], "--grad-noise-rows-at needs --grad-noise-rows"),
+    (["--grad-noise-rows-scrambled"], "--grad-noise-rows-scrambled needs --grad-noise-rows"),
     (["--n2v-steps", "0"], "--n2v-steps >= 1"),
     (["--spectral-k", "100000"], "--spectral-k must be at most"),
     (["--model", "mamba", "--pack"], "--pack needs --model gpt"),
@@ -386,6 +387,23 @@ def test_noise_held_at_start_is_drawn_at_the_starting_weights():
     assert torch.allclose(at_start, same_draw, atol=1e-6)
     moved = drawn(model, exp_pathstar.batch_noise(model, groups, 8))
     assert (at_start - moved).norm() > 0.1 * moved.norm()
+
+
+def test_scrambled_noise_is_one_fixed_signed_permutation_per_tensor():
+    """scrambled moves each tensor's gradient by a signed permutation of its coordinates (the same
+    absolute values, here 0..n-1, in other places), the same one at every call (a gradient twice as
+    large comes out twice as large), and leaves other tensors' gradients in their own tensors."""
+    W, b = torch.zeros(30, 20, requires_grad=True), torch.zeros(7, requires_grad=True)
+    scale = [1.0]
+    v = [torch.arange(600.0).view(30, 20), torch.arange(7.0)]
+    noise = exp_pathstar.scrambled(lambda: scale[0] * ((v[0] * W).sum() + (v[1] * b).sum()), [W, b])
+    noise().backward()
+    first = [W.grad.clone(), b.grad.clone()]
+    for g, u in zip(first, v):
+        assert torch.equal(g.abs().flatten().sort().values, u.flatten()) and not torch.equal(g.abs(), u)
+    W.grad, b.grad, scale[0] = None, None, 2.0
+    noise().backward()
+    assert torch.equal(W.grad, 2 * first[0]) and torch.equal(b.grad, 2 * first[1])
 
 
 def test_grad_noise_reaches_the_training_step(tmp_path):
