@@ -328,17 +328,23 @@ def test_grad_noise_std_per_coordinate(tmp_path, capsys):
     assert e.value.code == 2 and "--grad-noise-std: " in capsys.readouterr().err
 
 
+def tiny_model_and_groups():
+    """A 1-layer GPT on G(6, 3), first-token-only, and its one phase's groups cut to their loss tokens:
+    what the noise tests draw gradients from."""
+    args = exp_pathstar.get_args(["--quick", "--first-token-only", "--n", "6", "--l", "3", "--n-embd",
+                                  "16", "--n-head", "2", "--n-layer", "1"])
+    data = exp_pathstar.build(args)
+    model = exp_pathstar.make_model(args, data["vocab"].size)
+    return model, [common.loss_tail(*g) for g in exp_pathstar.phases_for(data, args, "cpu")[0].groups]
+
+
 def test_batch_noise_has_the_batches_covariance():
     """batch_noise's gradient is (c / n) sum_i (xi_i - mean xi) g_i over the rows' own gradients g_i
     (checked row by row for one draw), and its total variance over draws is that of the gradients of
     random batches of `rows` rows around the whole-epoch gradient (measured: 1.04 times it; without
     the factor (n - rows) / (n - 1) of drawing without replacement it would be 1.35)."""
     torch.manual_seed(0)
-    args = exp_pathstar.get_args(["--quick", "--first-token-only", "--n", "6", "--l", "3", "--n-embd",
-                                  "16", "--n-head", "2", "--n-layer", "1"])
-    data = exp_pathstar.build(args)
-    model = exp_pathstar.make_model(args, data["vocab"].size)
-    groups = [common.loss_tail(*g) for g in exp_pathstar.phases_for(data, args, "cpu")[0].groups]
+    model, groups = tiny_model_and_groups()
     X = [x for x, _ in groups for x in x.split(1)]  # the rows, one by one (one loss token each here)
     Y = [y for _, y in groups for y in y.split(1)]
     n, rows = len(X), 8
@@ -366,11 +372,7 @@ def test_noise_held_at_start_is_drawn_at_the_starting_weights():
     weights it started from: after the weights move, the same draw as at an untouched copy of them
     (to 1e-6), not the one at the moved weights."""
     torch.manual_seed(0)
-    args = exp_pathstar.get_args(["--quick", "--first-token-only", "--n", "6", "--l", "3", "--n-embd",
-                                  "16", "--n-head", "2", "--n-layer", "1"])
-    data = exp_pathstar.build(args)
-    model = exp_pathstar.make_model(args, data["vocab"].size)
-    groups = [common.loss_tail(*g) for g in exp_pathstar.phases_for(data, args, "cpu")[0].groups]
+    model, groups = tiny_model_and_groups()
     untouched = copy.deepcopy(model)
     held = exp_pathstar.held_at_start(model, lambda m: exp_pathstar.batch_noise(m, groups, 8))
     with torch.no_grad():
