@@ -285,8 +285,8 @@ def make_evaluate(data, args, device, measure=None):
         arms = data[f"{split}_arms"]
         splits[split] = (path_prompts([a[-1] for a in arms], data["vocab"], args.pauses),
                          path_targets(arms, args.reverse_path))
-    held_out = data["test_arms"]  # the input whose last position predicts a1: `[PATH] leaf [PAUSE]* root`
-    first_hop_input = torch.cat([splits["test"][0], torch.tensor([[a[0] for a in held_out]]).view(-1, 1)], 1)
+    held_out = data["test_arms"]
+    first_hop_input = first_hop_prompts(held_out, data["vocab"], args.pauses)
 
     def evaluate(model):
         res = {}
@@ -329,6 +329,13 @@ def make_evaluate(data, args, device, measure=None):
             res["spectral_share"] = spectral_share(E, basis)
         return res
     return evaluate
+
+
+def first_hop_prompts(arms, vocab, pauses):
+    """(P, 3 + pauses): `[PATH] leaf [PAUSE]* root` of each arm, whose last position predicts its
+    first node (the token of `first_token_acc`, with the root given as in decoding)."""
+    roots = torch.tensor([a[0] for a in arms])[:, None]
+    return torch.cat([path_prompts([a[-1] for a in arms], vocab, pauses), roots], 1)
 
 
 @torch.no_grad()
