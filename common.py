@@ -302,6 +302,7 @@ class GPTConfig:
     freeze_embeddings: bool = False  # App. E.1 / associative control: token embeddings fixed
     learned_positions: bool = False  # True: a trained table, as B&N'24's in-context GPT (App. A)
     position_std: float = 0.02  # init of a trained table; both releases leave torch's N(0, 1)
+    untied_head: bool = False  # True: an unembedding of its own (beyond the paper; §4.4: untied zigzags)
 
 
 def sinusoidal_positions(T, C):
@@ -372,8 +373,9 @@ class Block(nn.Module):
 
 
 class TiedLM(nn.Module):
-    """A next-token model with tied input/output token embeddings `wte`; subclasses define
-    `hidden(idx)` -> (B, T, C). The forward is the one every model of the repository trains with."""
+    """A next-token model with tied input/output token embeddings `wte` (unless a subclass's
+    `unembedding` says otherwise); subclasses define `hidden(idx)` -> (B, T, C). The forward is the
+    one every model of the repository trains with."""
 
     def forward(self, idx, targets=None, packing=None):
         """No targets: logits of the last position (B, V). With targets (B, k), the next tokens of
@@ -392,14 +394,18 @@ class TiedLM(nn.Module):
         return logits, F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-1)
 
     def logits(self, h, multiple=None):
-        """h (..., C) -> (..., V) = h @ wte^T, the weight padded with zero rows to a multiple of
+        """h (..., C) -> (..., V) = h @ unembedding^T, the weight padded with zero rows to a multiple of
         `multiple` (default: 64 on CUDA with KERNELS, else none) and the logits cut back to V: the same
         function, parameters and checkpoints. G(5000, 5) has V = 20,006 = 2 mod 8, which leaves
         cuBLAS only its slow sm80 "align2" kernels for the head's products (nanoGPT pads GPT-2's
         vocabulary to 50,304 for the same reason)."""
-        W = self.wte.weight
+        W = self.unembedding()
         V, pad = len(W), -len(W) % (multiple or (64 if W.is_cuda and KERNELS else 1))
         return (h @ (F.pad(W, (0, 0, 0, pad)) if pad else W).T)[..., :V]
+
+    def unembedding(self):
+        """(V, C): the output layer's weight, the input embedding itself (the paper's tying)."""
+        return self.wte.weight
 
 
 class GPT(TiedLM):
@@ -414,8 +420,13 @@ class GPT(TiedLM):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
+        # untied: the unembedding is a Linear (so bf16 weight copies cover it), N(0, 0.02) as every weight
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False) if cfg.untied_head else None
         self.apply(self._init)
-        self.wte.weight.requires_grad_(not cfg.freeze_embeddings)  # tied: unembedding frozen too
+        self.wte.weight.requires_grad_(not cfg.freeze_embeddings)  # tied: the unembedding too; untied: not
+
+    def unembedding(self):
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight
 
     @staticmethod
     def _init(m):  # App. B.2.2: all weights N(0, 0.02), biases zero
@@ -1431,7 +1442,7 @@ def spectral_share(E, V):
     return float(((Q.T @ E) ** 2).sum() / (E ** 2).sum())
 
 
-def navigation_score(emb, arms, all_arms, source=-1, target=1, readout=None):
+def navigation_score(emb, arms, all_arms, source=-1, target=1, readout=None, target_emb=None):
     """§2.4 geometry score: for the leaf of each root-to-leaf path in `arms`, rank the root's
     children (the distinct first nodes of `all_arms`) by cosine similarity to the leaf's
     embedding. Returns the top-1 rate (the leaf points at its own first node; chance 1/d) and
@@ -1440,13 +1451,16 @@ def navigation_score(emb, arms, all_arms, source=-1, target=1, readout=None):
     `source`, `target`: the path positions compared (default: the leaf, -1, against first nodes,
     1); (-1, -3) ranks the node two hops above each leaf among those of every arm: the pair a
     zigzag arm (§4.4, `hop_cosine`) stores and (-1, 1) misses. `readout` (C, C), if given, maps
-    the leaves' embeddings before the cosine (`linear_navigation`)."""
+    the leaves' embeddings before the cosine (`linear_navigation`). `target_emb` (default: emb)
+    holds the rows the children are read from: an untied model's unembedding, where §4.4's SVD
+    puts a node's odd-hop neighbours (its input row against their output rows)."""
     emb = torch.as_tensor(emb).float()
+    rows = emb if target_emb is None else torch.as_tensor(target_emb).float()
     children = sorted({a[target] for a in all_arms})
     column = {c: i for i, c in enumerate(children)}
     own = torch.tensor([column[arm[target]] for arm in arms], device=emb.device)
     sources = emb[[a[source] for a in arms]]
-    sim = cosine_matrix(sources if readout is None else sources @ readout.to(sources), emb[children])
+    sim = cosine_matrix(sources if readout is None else sources @ readout.to(sources), rows[children])
     rank = (sim >= sim.gather(1, own[:, None])).sum(1).float()
     rank = torch.where(torch.isfinite(sim).all(1), rank, float(len(children)))
     return (rank == 1).float().mean().item(), rank.mean().item()
@@ -2031,12 +2045,13 @@ def save_figure(fig, path, dpi, rect=(0, 0, 1, 1)):
     pyplot().close(fig)
 
 
-def plot_cosine_heatmap(path, emb, blocks, labels, title):
+def plot_cosine_heatmap(path, emb, blocks, labels, title, columns=None, label="cosine similarity"):
     """Cosine similarities of the embeddings of the nodes in `blocks` (lists of node ids, shown
-    in order, one block per arm), with block boundaries drawn."""
+    in order, one block per arm), with block boundaries drawn; `columns`, if given, another
+    embedding of the same nodes for the columns (an untied model's output rows)."""
     plt = pyplot()
     nodes = [v for b in blocks for v in b]
-    sim = cosine_matrix(emb[nodes]).numpy()
+    sim = cosine_matrix(emb[nodes], None if columns is None else columns[nodes]).numpy()
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
     im = ax.imshow(sim, cmap="RdBu_r", vmin=-1, vmax=1)
     edges = np.cumsum([len(b) for b in blocks])[:-1] - 0.5
@@ -2047,7 +2062,7 @@ def plot_cosine_heatmap(path, emb, blocks, labels, title):
     ax.set_xticks(centers, labels, rotation=90, fontsize=7)
     ax.set_yticks(centers, labels, fontsize=7)
     ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, fraction=0.046, label="cosine similarity")
+    fig.colorbar(im, ax=ax, fraction=0.046, label=label)
     save_figure(fig, path, dpi=110)
 
 

@@ -126,6 +126,9 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
                    "most of the batches' own noise lies)")
     m.add_argument("--freeze-embeddings", action="store_true",
                    help="keep the (tied) token embeddings at their init (App. E.1 control)")
+    m.add_argument("--untied-head", action="store_true",
+                   help="GPT: an output layer of its own instead of the paper's tied embeddings (beyond the "
+                   "paper; with --freeze-embeddings only the input embeddings stay fixed)")
     o = p.add_argument_group("optimization")
     o.add_argument("--epochs", type=int, default=10000, help="epochs of the interleaved run / path phase")
     o.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (cosine to lr/10)")
@@ -225,6 +228,7 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
               (not args.bench_reference or os.path.isfile(args.bench_reference),
                f"--bench-reference: no file {args.bench_reference}"),
               (not (args.pack and args.model != "gpt"), "--pack needs --model gpt (a scan has no mask)"),
+              (not (args.untied_head and args.model != "gpt"), "--untied-head needs --model gpt"),
               (not (args.init_from and args.init != "random"), "--init-from replaces --init; drop one")]
     for ok, msg in checks:
         if not ok:
@@ -313,6 +317,12 @@ def make_evaluate(data, args, device, measure=None):
             nav = linear_navigation(emb, data["train_arms"], data["test_arms"], data["arms"])
             res["linear_navigation_acc"], res["linear_navigation_mean_rank"] = nav
         res["hop_cosine"], res["cross_arm_cosine"] = hop_cosine(emb, data["test_arms"])
+        if isinstance(model, GPT) and model.lm_head is not None:  # untied: the leaf's row against output rows
+            head = model.lm_head.weight[: data["vocab"].num_nodes].float()
+            nav = navigation_score(emb, data["test_arms"], data["arms"], target_emb=head)
+            res["head_navigation_acc"], res["head_navigation_mean_rank"] = nav
+            if star:
+                res["head_zigzag_share"] = arm_spectrum(head, data["arms"])[2].item()
         if star:  # §4.4: the share of ||E||^2 in each arm mode; zigzags are those at mu < 0
             _, share, zigzag = arm_spectrum(emb, data["arms"])
             res["arm_mode_share"], res["zigzag_share"] = share.tolist(), zigzag.item()
@@ -401,7 +411,7 @@ def describe(args):
     parts.append(task)
     parts += [f"edges {args.edges}", f"{args.pauses} pauses"]
     parts += ["reversed path"] * args.reverse_path + ["staged"] * (args.recipe == "staged")
-    parts += ["frozen embeddings"] * args.freeze_embeddings
+    parts += ["frozen embeddings"] * args.freeze_embeddings + ["untied head"] * args.untied_head
     return ", ".join(parts)
 
 
@@ -447,12 +457,14 @@ def write_outputs(out, args, data, model, history, wall, device):
          + if_any("navigation_2hop_acc", "leaf -> node 2 hops up (top-1)")
          + if_any("linear_navigation_acc", "leaf -> first node through a linear map (top-1)")
          + if_any("reflected_navigation_acc", "leaf -> first node, zigzag reflected (top-1)")
+         + if_any("head_navigation_acc", "leaf -> first node's output row (untied head; top-1)")
          + [(x, [h["test_first_token_acc"] for h in history], "the model: first-token accuracy")], chance),
         ("rank of the leaf's own node among all arms'", "mean rank (1 = best)",
          [(x, [h["navigation_mean_rank"] for h in history], "first node")]
          + if_any("navigation_2hop_mean_rank", "node 2 hops up")
          + if_any("linear_navigation_mean_rank", "first node, linear map")
-         + if_any("reflected_navigation_mean_rank", "first node, zigzag reflected"), (args.n + 1) / 2)]
+         + if_any("reflected_navigation_mean_rank", "first node, zigzag reflected")
+         + if_any("head_navigation_mean_rank", "first node's output row"), (args.n + 1) / 2)]
         + ([(f"the layers (logit lens), held-out leaves ({args.n_layer + 1}: none)",
              "first block on top for half",
              [(x, [first_block(h["leaf_neighbour_by_block"]) for h in history],
@@ -473,6 +485,12 @@ def write_outputs(out, args, data, model, history, wall, device):
     plot_cosine_heatmap(os.path.join(out, "embedding_heatmap.png"), emb, [a[1:] for a in shown],
                         [f"arm {a[1]}: a1..leaf" for a in shown],
                         f"Cosine similarity of node embeddings, {len(shown)} held-out arms\n{label}")
+    if isinstance(model, GPT) and model.lm_head is not None:  # §4.4: untied, odd hops lie between E and U
+        head = model.lm_head.weight[: data["vocab"].num_nodes].detach().float().cpu().numpy()
+        plot_cosine_heatmap(os.path.join(out, "embedding_heatmap_head.png"), emb, [a[1:] for a in shown],
+                            [f"arm {a[1]}: a1..leaf" for a in shown],
+                            f"Input embeddings (rows) against output rows (columns), {len(shown)} held-out "
+                            f"arms\n{label}", columns=head, label="cosine similarity (input row, output row)")
 
 
 # ----------------------------------------------------------------------------- geometric headroom
@@ -649,7 +667,7 @@ def make_model(args, vocab_size):
                                  freeze_embeddings=args.freeze_embeddings, block=args.mamba_block))
     return GPT(GPTConfig(vocab_size=vocab_size, block_size=args.pauses + args.l + 2, n_layer=args.n_layer,
                          n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
-                         freeze_embeddings=args.freeze_embeddings,
+                         freeze_embeddings=args.freeze_embeddings, untied_head=args.untied_head,
                          learned_positions=args.positions == "learned", position_std=1.0))
 
 
@@ -752,7 +770,7 @@ def run(args, device, data=None, measure=None):
 
 
 SUMMARY_KEYS = ["test_first_token_acc", "test_path_acc", "navigation_acc", "navigation_mean_rank",
-                "linear_navigation_acc", "reflected_navigation_acc",
+                "linear_navigation_acc", "reflected_navigation_acc", "head_navigation_acc",
                 "chance_first_token", "peak_test_first_token_acc", "peak_test_path_acc",
                 "epochs_to_50", "epochs_to_90", "train_first_token_acc", "train_path_acc", "edge_acc",
                 "geometric_level", "spectral_share", "zigzag_share", "wall_time_s"]
@@ -879,6 +897,7 @@ def run_seeds(args, device, task=None):
             ("navigation_2hop_acc", "leaf -> node 2 hops up (top-1)"),
             ("linear_navigation_acc", "leaf -> first node through a linear map (top-1)"),
             ("reflected_navigation_acc", "leaf -> first node, zigzag reflected (top-1)"),
+            ("head_navigation_acc", "leaf -> first node's output row, untied head (top-1)"),
             ("edge_acc", "edges memorized"),
             ("zigzag_share", "zigzag share: ||E||^2 in arm modes at μ < 0 (§4.4)")]
     if args.first_token_only or args.no_paths:
@@ -900,7 +919,8 @@ def run_seeds(args, device, task=None):
     ref_line = lambda key, lines: [(lines[0][0], [reference[key]] * len(lines[0][0]),
                                     "Node2Vec, edges only")] if key in reference else []
     panels, one_in_n = [], ("test_first_token_acc", "navigation_acc", "navigation_2hop_acc",
-                            "linear_navigation_acc", "reflected_navigation_acc")  # chance 1/n
+                            "linear_navigation_acc", "reflected_navigation_acc",
+                            "head_navigation_acc")  # chance 1/n
     for key, label in keys:
         lines = [band_line(name, *curve_band(h, key)) for name, h in hist.items()]
         chance = 1.0 / args.n if key in one_in_n else None

@@ -215,6 +215,28 @@ def test_frozen_embeddings_do_not_change():
     assert not torch.equal(model.blocks[0].mlp.fc.weight, other)
 
 
+def test_untied_head_is_its_own_output_layer():
+    """Tied (the paper): the logits are h @ wte^T. --untied-head: h @ lm_head^T, a weight of its own
+    in the state dict; frozen embeddings then fix only the input side."""
+    tied = tiny_gpt()
+    assert tied.lm_head is None and tied.unembedding() is tied.wte.weight
+    h = torch.randn(3, 16)
+    assert torch.allclose(tied.logits(h), h @ tied.wte.weight.T)
+    model = tiny_gpt(untied_head=True, freeze_embeddings=True)
+    assert "lm_head.weight" in model.state_dict() and model.lm_head.weight.shape == (23, 16)
+    assert torch.allclose(model.logits(h), h @ model.lm_head.weight.T)
+    assert not torch.allclose(model.logits(h), h @ model.wte.weight.T)
+    assert model.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.1)  # App. B.2.2's init
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # zero logits: the loss is log V whatever the input
+    X, Y = torch.randint(0, 23, (4, 5)), torch.randint(0, 23, (4, 2))
+    assert model(X, Y)[1].item() == pytest.approx(math.log(23), rel=1e-6)
+    wte, head = model.wte.weight.detach().clone(), model.lm_head.weight.detach().clone()
+    phase = Phase("p", [(X, Y)], epochs=3, batch_size=2, lr=1e-2, warmup_steps=1)
+    train(model, [phase], weight_decay=0.1, evaluate=lambda m: {}, eval_every=10, device="cpu")
+    assert torch.equal(model.wte.weight, wte) and not torch.equal(model.lm_head.weight, head)
+
+
 def test_lr_schedule():
     peak, total, warm = 1e-3, 100, 10
     lrs = [lr_at(s, total, warm, peak) for s in range(total)]
@@ -314,6 +336,13 @@ def test_navigation_score_known_answers():
     for i, arm in enumerate(arms):  # leaf i now leans to arm i+1's axis: own first node ranks 2nd
         emb[arm[-1]] = eye[(i + 1) % 5] + 0.1 * eye[i]
     assert navigation_score(emb, arms, arms) == (0.0, 2.0)
+    # an untied model: leaf i's input row points at arm i+1's axis, so its own first node is found
+    # only among output rows that store each first node on the next arm's axis (§4.4's E vs U)
+    out = torch.zeros(16, 16)
+    for i, arm in enumerate(arms):
+        out[arm[1]] = eye[(i + 1) % 5]
+    assert navigation_score(emb, arms, arms, target_emb=out) == (1.0, 1.0)
+    assert navigation_score(emb, arms, arms, target_emb=emb) == (0.0, 2.0)
 
 
 def test_linear_navigation_known_answers():

@@ -64,6 +64,33 @@ def test_staged_and_variants_run(tmp_path):
     assert [(h["epoch"], h["phase"]) for h in hist] == [(1, "edges"), (2, "edges"), (3, "paths"), (4, "paths")]
 
 
+def test_untied_head_trains_packed_like_unpacked(tmp_path, monkeypatch):
+    """--untied-head: its own output weight in the checkpoint, and the packed step (one forward,
+    shared first tokens) is the same step as the unpacked one with it too."""
+    monkeypatch.setattr(common, "peak_matmul_flops", lambda device: 3e9)
+    out = str(tmp_path / "bench")
+    exp_pathstar.main(TINY + ["--bench", "--first-token-only", "--untied-head", "--freeze-embeddings",
+                              "--bench-modes", "eager", "eager+packed", "--out", out])
+    modes = json.load(open(os.path.join(out, "bench.json")))["modes"]
+    assert modes["eager+packed"]["weights_off_first_mode"] < 1e-4
+    assert modes["eager"]["loss"] == pytest.approx(modes["eager+packed"]["loss"], rel=1e-5)
+    run = str(tmp_path / "run")
+    metrics = exp_pathstar.main(TINY + ["--untied-head", "--epochs", "1", "--eval-every", "1", "--out", run])
+    state = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)["model"]
+    assert state["lm_head.weight"].shape == state["wte.weight"].shape
+    assert not torch.equal(state["lm_head.weight"], state["wte.weight"])
+    # the leaf's input row against the first nodes' output rows, measured from the weights saved
+    g = json.load(open(os.path.join(run, "graph.json")))
+    N, arms = g["num_nodes"], g["arms"]
+    held = [a for a in arms if a[-1] in set(g["test_leaves"])]
+    want = common.navigation_score(state["wte.weight"][:N], held, arms,
+                                   target_emb=state["lm_head.weight"][:N])
+    f = metrics["history"][-1]
+    assert (f["head_navigation_acc"], f["head_navigation_mean_rank"]) == pytest.approx(want)
+    assert 0 <= f["head_zigzag_share"] <= 1
+    assert figure_ok(os.path.join(run, "embedding_heatmap_head.png"))
+
+
 def test_bench_writes_json(tmp_path, monkeypatch):
     out = str(tmp_path / "bench")
     peaks = iter([1e9, 3e9])  # the peak is measured before and after the steps; the better counts
@@ -152,6 +179,7 @@ def test_bench_flags_one_line_errors(tmp_path, capsys):
     (["--n2v-steps", "0"], "--n2v-steps >= 1"),
     (["--spectral-k", "100000"], "--spectral-k must be at most"),
     (["--model", "mamba", "--pack"], "--pack needs --model gpt"),
+    (["--model", "mamba", "--untied-head"], "--untied-head needs --model gpt"),
 ])
 def test_bad_flags_exit_with_one_line(tmp_path, flags, msg, capsys):
     if "cuda" in flags and torch.cuda.is_available():
