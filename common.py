@@ -1555,6 +1555,13 @@ def token_embeddings(model, num_nodes):
     return model.wte.weight[:num_nodes].detach().float().cpu().numpy()
 
 
+def output_rows(model, num_nodes):
+    """The node rows (N, C) of an untied output layer (`--untied-head`), on the model's device;
+    None where the output layer is the embedding itself (tied, the paper)."""
+    W = model.unembedding()
+    return None if W is model.wte.weight else W[:num_nodes].detach().float()
+
+
 # ----------------------------------------------------------------------------- flags and errors
 
 

@@ -23,11 +23,12 @@ from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Nod
                     bench_modes, benchmark, config_diff, curve_band, decode_answer, device_name, die,
                     edge_group, edge_recall, epochs_to, geometric_level, hop_cosine, in_processes,
                     k_for_energy, laplacian_eigs, linear_navigation, logit_lens, loss_tail, measures,
-                    navigation_score, neighbour_targets, node2vec_loss, one_seed, parse_with_presets,
-                    path_group, path_prompts, path_star, path_targets, peak_memory_gib, pick_device,
-                    plot_cosine_heatmap, plot_curves, plot_panels, prepare_out, preset_help, read_torch_file,
-                    seed_everything, spectral_energy, spectral_share, split_arms, spread, step_modes,
-                    token_embeddings, train, train_node2vec, write_json, write_spread_csv, zigzag_reflection)
+                    navigation_score, neighbour_targets, node2vec_loss, one_seed, output_rows,
+                    parse_with_presets, path_group, path_prompts, path_star, path_targets, peak_memory_gib,
+                    pick_device, plot_cosine_heatmap, plot_curves, plot_panels, prepare_out, preset_help,
+                    read_torch_file, seed_everything, spectral_energy, spectral_share, split_arms, spread,
+                    step_modes, token_embeddings, train, train_node2vec, write_json, write_spread_csv,
+                    zigzag_reflection)
 
 # CPU-sized preset: G(300, 5) with a 2-layer width-64 GPT (docs/notes.md).
 # It keeps nanoGPT's AdamW (betas 0.95, clipping at 1, no decay on biases and norms): over seeds 0-2
@@ -317,8 +318,8 @@ def make_evaluate(data, args, device, measure=None):
             nav = linear_navigation(emb, data["train_arms"], data["test_arms"], data["arms"])
             res["linear_navigation_acc"], res["linear_navigation_mean_rank"] = nav
         res["hop_cosine"], res["cross_arm_cosine"] = hop_cosine(emb, data["test_arms"])
-        if isinstance(model, GPT) and model.lm_head is not None:  # untied: the leaf's row against output rows
-            head = model.lm_head.weight[: data["vocab"].num_nodes].float()
+        head = output_rows(model, data["vocab"].num_nodes)
+        if head is not None:  # untied: the leaf's input row against the first nodes' output rows
             nav = navigation_score(emb, data["test_arms"], data["arms"], target_emb=head)
             res["head_navigation_acc"], res["head_navigation_mean_rank"] = nav
             if star:
@@ -482,15 +483,15 @@ def write_outputs(out, args, data, model, history, wall, device):
               for k, m in enumerate(mu)], (args.n - 1) / (data["vocab"].num_nodes - 1))] if mu else []),
         f"Embedding geometry: {label}")
     shown = data["test_arms"][:8]  # held-out arms: their paths were never trained end to end
-    plot_cosine_heatmap(os.path.join(out, "embedding_heatmap.png"), emb, [a[1:] for a in shown],
-                        [f"arm {a[1]}: a1..leaf" for a in shown],
+    blocks, names = [a[1:] for a in shown], [f"arm {a[1]}: a1..leaf" for a in shown]
+    plot_cosine_heatmap(os.path.join(out, "embedding_heatmap.png"), emb, blocks, names,
                         f"Cosine similarity of node embeddings, {len(shown)} held-out arms\n{label}")
-    if isinstance(model, GPT) and model.lm_head is not None:  # §4.4: untied, odd hops lie between E and U
-        head = model.lm_head.weight[: data["vocab"].num_nodes].detach().float().cpu().numpy()
-        plot_cosine_heatmap(os.path.join(out, "embedding_heatmap_head.png"), emb, [a[1:] for a in shown],
-                            [f"arm {a[1]}: a1..leaf" for a in shown],
+    head = output_rows(model, data["vocab"].num_nodes)
+    if head is not None:  # §4.4: untied, odd hops lie between the input and the output rows
+        plot_cosine_heatmap(os.path.join(out, "embedding_heatmap_head.png"), emb, blocks, names,
                             f"Input embeddings (rows) against output rows (columns), {len(shown)} held-out "
-                            f"arms\n{label}", columns=head, label="cosine similarity (input row, output row)")
+                            f"arms\n{label}", columns=head.cpu().numpy(),
+                            label="cosine similarity (input row, output row)")
 
 
 # ----------------------------------------------------------------------------- geometric headroom

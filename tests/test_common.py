@@ -224,6 +224,8 @@ def test_untied_head_is_its_own_output_layer():
     assert torch.allclose(tied.logits(h), h @ tied.wte.weight.T)
     model = tiny_gpt(untied_head=True, freeze_embeddings=True)
     assert "lm_head.weight" in model.state_dict() and model.lm_head.weight.shape == (23, 16)
+    assert common.output_rows(tied, 20) is None
+    assert torch.equal(common.output_rows(model, 20), model.lm_head.weight[:20])
     assert torch.allclose(model.logits(h), h @ model.lm_head.weight.T)
     assert not torch.allclose(model.logits(h), h @ model.wte.weight.T)
     assert model.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.1)  # App. B.2.2's init
