@@ -293,6 +293,7 @@ def make_evaluate(data, args, device, measure=None):
     held_out = data["test_arms"]
     first_hop_input = first_hop_prompts(held_out, data["vocab"], args.pauses)
 
+    @torch.no_grad()  # train() calls it under no_grad; a script analysing a run (load_run) may not
     def evaluate(model):
         res = {}
         for split, (prompts, targets) in splits.items():
@@ -670,6 +671,29 @@ def make_model(args, vocab_size):
                          n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
                          freeze_embeddings=args.freeze_embeddings, untied_head=args.untied_head,
                          learned_positions=args.positions == "learned", position_std=1.0))
+
+
+def load_run(out, weights="checkpoint.pt", build_data=build):
+    """A run of this script (exp_mamba's too) rebuilt for analysis: (model, data, args), from the
+    flags it was run with (out/metrics.json, or the checkpoint of a stopped run) and the weights in
+    out/<weights>: checkpoint.pt, or a --snapshots file such as snapshots/epoch000300.pt. The graph
+    and split come from --seed, as in the run (exp_treestar passes its own `build_data(args)`);
+    flags added since the run take today's defaults. The model is on the CPU, in eval mode."""
+    def torch_file(name):
+        if not os.path.isfile(os.path.join(out, name)):
+            die(f"load_run: no {name} in {out}")
+        return read_torch_file(os.path.join(out, name), "load_run")
+    state = torch_file(weights)
+    if os.path.isfile(os.path.join(out, "metrics.json")):
+        with open(os.path.join(out, "metrics.json")) as f:
+            config = json.load(f)["config"]
+    else:
+        config = (state if weights == "checkpoint.pt" else torch_file("checkpoint.pt"))["config"]
+    args = argparse.Namespace(**{**vars(get_args([])), **config})
+    data = build_data(args)
+    model = make_model(args, data["vocab"].size)
+    model.load_state_dict(state.get("model", state))  # a checkpoint, or a snapshot's bare state dict
+    return model.eval(), data, args
 
 
 def run(args, device, data=None, measure=None):

@@ -19,3 +19,17 @@ def untimed(obj, drop=("time_s", "wall_time_s")):
     if isinstance(obj, dict):
         return {k: untimed(v, drop) for k, v in obj.items() if k not in drop}
     return [untimed(v, drop) for v in obj] if isinstance(obj, list) else obj
+
+
+def guide_keys(heading):
+    """docs/reading_a_run.md: {key: its second column} of the first table under the heading `heading`
+    (any level); a row may name several keys, each in backticks, in its first column."""
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    lines = open(os.path.join(root, "docs", "reading_a_run.md")).read().splitlines()
+    start = next(i for i, line in enumerate(lines)
+                 if line.startswith("#") and line.lstrip("#").strip() == heading)
+    first = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("|"))
+    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return {key: row.split("|")[2].strip() for row in lines[first + 2: end]
+            for key in re.findall(r"`([^`]+)`", row.split("|")[1])}

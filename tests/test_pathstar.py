@@ -15,7 +15,7 @@ import torch
 import common
 import exp_pathstar
 from common import make_optimizer
-from conftest import figure_ok, untimed
+from conftest import figure_ok, guide_keys, untimed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--quick", "--n", "24", "--l", "4", "--n-embd", "32", "--n-head", "2"]
@@ -791,6 +791,49 @@ def test_readme_extension_example_runs(tmp_path):
     assert len(graph["test_leaves"]) == 10 and metrics["epochs_done"] == 2
     assert os.path.exists(tmp_path / "embeddings.npy")
 
+
+
+@pytest.fixture(scope="module")
+def untied_run(tmp_path_factory):
+    """A tiny untied run with every optional measure of a GPT on a path-star and snapshots."""
+    out = tmp_path_factory.mktemp("untied_run")
+    exp_pathstar.main(TINY + ["--untied-head", "--spectral-k", "5", "--snapshots", "--first-token-only",
+                              "--epochs", "2", "--eval-every", "1", "--out", str(out)])
+    return out
+
+
+def test_reading_guide_explains_every_key_and_file(untied_run):
+    """docs/reading_a_run.md names what a run writes, no more and no less: every top-level key, history
+    field and measure of a path-star run (exp_treestar's two measures: test_treestar) and every file."""
+    m = json.load(open(untied_run / "metrics.json"))
+    assert set(m) == set(guide_keys("metrics.json"))
+    fields = set(guide_keys("A history entry"))
+    assert all(set(h) - set(m["final"]) == fields for h in m["history"])
+    measures = guide_keys("The measures of an evaluation")
+    assert set(m["final"]) == {k for k, when in measures.items() if when != "exp_treestar"}
+    files = {f for f in os.listdir(untied_run) if f != "snapshots"} | {"snapshots/epoch<E>.pt"}
+    assert files == set(guide_keys("The folder"))
+
+
+def test_reading_guide_example_reloads_a_run(untied_run, capsys):
+    """The guide's example, as printed there, on the tiny run: load_run rebuilds the graph, split and
+    model, and every measure recomputed from the weights is the logged one; a snapshot gives its
+    evaluation's measures; a folder without a run stops with one line."""
+    guide = open(os.path.join(ROOT, "docs", "reading_a_run.md")).read()
+    code = guide.split("## Load a run", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'run = "runs/quick_ft"' in code
+    scope = {}
+    exec(code.replace('run = "runs/quick_ft"', f"run = {str(untied_run)!r}"), scope)
+    assert scope["measured"] == scope["logged"] and "head_navigation_acc" in scope["logged"]
+    assert f"its first node is {scope['arm'][1]}" in capsys.readouterr().out
+    model, data, args = exp_pathstar.load_run(str(untied_run), "snapshots/epoch000001.pt")
+    first = json.load(open(untied_run / "metrics.json"))["history"][0]
+    measured = exp_pathstar.make_evaluate(data, args, "cpu")(model)
+    assert measured == {k: v for k, v in first.items() if k in measured}
+    assert len(measured) == len(scope["logged"])
+    with pytest.raises(SystemExit):
+        exp_pathstar.load_run(str(untied_run / "snapshots"))
+    assert f"error: load_run: no checkpoint.pt in {untied_run / 'snapshots'}\n" in capsys.readouterr().err
 
 def gpu_script_env(tmp_path):
     env = dict(os.environ, RUNS=str(tmp_path / "runs"),

@@ -5,9 +5,10 @@ import networkx as nx
 import pytest
 import torch
 
+import exp_pathstar
 import exp_treestar
 from common import tree_star
-from conftest import figure_ok
+from conftest import figure_ok, guide_keys
 
 
 @pytest.mark.parametrize("d,b,l", [(3, 2, 4), (5, 3, 3), (4, 1, 5), (2, 2, 2)])
@@ -52,11 +53,19 @@ def test_treestar_smoke(tmp_path):
         assert m["final"]["chance_token_acc"] == [1.0, 1 / 6, 0.5, 0.5]
         assert len(m["final"]["test_token_acc"]) == 4
         assert "arm_mode_share" not in m["final"]  # a path-star measure: the tree's arms share nodes
+        shown = {k for k, when in guide_keys("The measures of an evaluation").items()  # docs/reading_a_run.md
+                 if when in ("always", "l >= 4", "GPT, forward paths", "exp_treestar")}
+        assert set(m["final"]) == shown
         g = json.load(open(out / split / "graph.json"))
         assert g["split"] == split and len(g["all_paths"]) == 6 * 4
         assert set(g["train_leaves"]) | set(g["test_leaves"]) == {p[-1] for p in g["all_paths"]}
     for fig in ("splits.png", "depth_accuracy.png", "tree.png"):
         assert figure_ok(out / fig)
+    # the reading guide's way to reload a split's run: its measures recomputed are the logged ones
+    leaf = str(out / "leaf")
+    model, data, args = exp_pathstar.load_run(leaf, build_data=lambda a: exp_treestar.build(a, a.split))
+    measured = exp_pathstar.make_evaluate(data, args, "cpu", exp_treestar.tree_measure(data, args))(model)
+    assert measured == json.load(open(out / "leaf" / "metrics.json"))["final"]
 
 
 def test_treestar_bad_branching(capsys):
