@@ -60,7 +60,8 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     """Flags of the path-star experiment; other scripts reuse them with their own defaults and
     preset (`add_flags(parser)` adds a script's own flags, `graph_name(args)` names its graph in
     labels and titles; default G(d, l))."""
-    p = ArgParser(description=doc.split("\n\n")[0])
+    p = ArgParser(description=doc.split("\n\n")[0], epilog="What a run writes and what each number in its "
+                  "metrics.json means: docs/reading_a_run.md")
     if add_flags:
         add_flags(p)
     g = p.add_argument_group("graph and task")

@@ -33,3 +33,11 @@ def guide_keys(heading):
     end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
     return {key: row.split("|")[2].strip() for row in lines[first + 2: end]
             for key in re.findall(r"`([^`]+)`", row.split("|")[1])}
+
+
+def guide_top_keys(script):
+    """The top-level keys docs/reading_a_run.md names (in backticks) for `script`'s metrics.json, with the
+    three every script writes."""
+    import re
+    return set(re.findall(r"`([^`]+)`", guide_keys("The other scripts")[script])) | {"config", "device",
+                                                                                    "wall_time_s"}

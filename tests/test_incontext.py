@@ -8,7 +8,7 @@ import torch
 
 import exp_incontext
 from common import Vocab, preset_help
-from conftest import figure_ok, untimed
+from conftest import figure_ok, guide_top_keys, untimed
 
 D, L, V = 3, 4, 15
 
@@ -104,6 +104,7 @@ def test_smoke_run(tmp_path):
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert set(m) >= {"config", "final", "history", "wall_time_s"}
     assert set(m["final"]) == set(m["history"]) == set(exp_incontext.MODES) == set(res)
+    assert set(m) <= guide_top_keys("exp_incontext.py")  # docs/reading_a_run.md names each
     l, d = exp_incontext.QUICK["path_length"], exp_incontext.QUICK["degree"]
     for mode in exp_incontext.MODES:
         f = m["final"][mode]

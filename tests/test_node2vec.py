@@ -10,7 +10,7 @@ import exp_node2vec
 from common import (TINY_GRAPHS, Node2Vec, Node2VecConfig, adjacency, coefficient_matrix, grid_graph,
                     laplacian_eigs, neg_laplacian, neighbour_targets, principal_angles, spectral_energy,
                     tiny_graph, train_node2vec, with_self_edges)
-from conftest import figure_ok, untimed
+from conftest import figure_ok, guide_top_keys, untimed
 
 
 # ----------------------------------------------------------------------------- spectra
@@ -122,6 +122,7 @@ def test_smoke(tmp_path):
                        "--widths", "8", "32", "--out", out])
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert set(m) >= {"config", "results", "wall_time_s", "complexity"}
+    assert set(m) <= guide_top_keys("exp_node2vec.py")  # docs/reading_a_run.md names each
     assert m["config"]["steps"] == 40 and m["config"]["large_star"] == [8, 6]
     for name, N in (("cycle", 15), ("path_star_large", 41)):
         r = m["results"][name]

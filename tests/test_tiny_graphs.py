@@ -8,7 +8,7 @@ import torch
 import exp_tiny_graphs as tg
 from common import (Vocab, edge_group, edge_margin, edge_margin_authors, geometric_level, laplacian_eigs,
                     logit_recall, tiny_graph, token_embeddings)
-from conftest import figure_ok, untimed
+from conftest import figure_ok, guide_top_keys, untimed
 
 # graph node / edge counts and connectivity are tested in tests/test_node2vec.py
 
@@ -123,6 +123,7 @@ def test_smoke(tmp_path):
     with open(tmp_path / "metrics.json") as f:
         saved = json.load(f)
     assert set(saved["results"]) == {"cycle", "path_star"} and set(saved["results"]["cycle"]) == set(tg.MODELS)
+    assert set(saved) <= guide_top_keys("exp_tiny_graphs.py")  # docs/reading_a_run.md names each
     for r in saved["results"]["cycle"].values():
         assert 0 <= r["edge_recovery"] <= 1 and -1 <= r["geometric_level"] <= 1 and len(r["spectrum"]) == 14
     assert saved["results"]["cycle"]["tinynn"]["geometric_margin"] is not None
