@@ -1,4 +1,5 @@
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,7 +25,6 @@ def untimed(obj, drop=("time_s", "wall_time_s")):
 def guide_keys(heading):
     """docs/reading_a_run.md: {key: its second column} of the first table under the heading `heading`
     (any level); a row may name several keys, each in backticks, in its first column."""
-    import re
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     lines = open(os.path.join(root, "docs", "reading_a_run.md")).read().splitlines()
     start = next(i for i, line in enumerate(lines)
@@ -38,6 +38,5 @@ def guide_keys(heading):
 def guide_top_keys(script):
     """The top-level keys docs/reading_a_run.md names (in backticks) for `script`'s metrics.json, with the
     three every script writes."""
-    import re
     return set(re.findall(r"`([^`]+)`", guide_keys("The other scripts")[script])) | {"config", "device",
                                                                                     "wall_time_s"}

@@ -792,7 +792,6 @@ def test_readme_extension_example_runs(tmp_path):
     assert os.path.exists(tmp_path / "embeddings.npy")
 
 
-
 @pytest.fixture(scope="module")
 def untied_run(tmp_path_factory):
     """A tiny untied run with every optional measure of a GPT on a path-star and snapshots."""
@@ -834,6 +833,7 @@ def test_reading_guide_example_reloads_a_run(untied_run, capsys):
     with pytest.raises(SystemExit):
         exp_pathstar.load_run(str(untied_run / "snapshots"))
     assert f"error: load_run: no checkpoint.pt in {untied_run / 'snapshots'}\n" in capsys.readouterr().err
+
 
 def gpu_script_env(tmp_path):
     env = dict(os.environ, RUNS=str(tmp_path / "runs"),
