@@ -108,6 +108,9 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
     m.add_argument("--zigzag-penalty", type=float, default=0.0,
                    help="add this x the share of the node embeddings' energy in the path-star's arm modes "
                    "at mu < 0 (zigzags, §4.4; common.arm_spectrum) to every step")
+    m.add_argument("--zigzag-penalty-on", choices=["input", "both"], default="input",
+                   help="the rows --zigzag-penalty acts on: the input embeddings, or (with --untied-head) "
+                   "the output layer's node rows too, each share weighted alike")
     m.add_argument("--grad-noise", type=float, default=0.0, metavar="STD",
                    help="add N(0, STD^2) to every coordinate of the gradient at every step, before clipping "
                    "and AdamW (beyond the paper: does noise other than the batches' move a stuck run?)")
@@ -215,6 +218,8 @@ def get_args(argv=None, doc=__doc__, defaults=None, quick=QUICK, add_flags=None,
               (args.spectral_k >= 0 and args.n2v_steps >= 1 and args.aux_weight >= 0,
                "--spectral-k and --aux-weight must be >= 0, --n2v-steps >= 1"),
               (args.zigzag_penalty >= 0, "--zigzag-penalty must be >= 0"),
+              (args.zigzag_penalty_on == "input" or (args.zigzag_penalty and args.untied_head),
+               "--zigzag-penalty-on both needs --zigzag-penalty and --untied-head"),
               (args.grad_noise >= 0, "--grad-noise must be >= 0"),
               (not (args.grad_noise and args.grad_noise_std), "--grad-noise and --grad-noise-std: one of them"),
               (args.grad_noise_rows >= 0, "--grad-noise-rows must be >= 0"),
@@ -716,7 +721,8 @@ def run(args, device, data=None, measure=None):
         if not is_path_star(data):
             die("--zigzag-penalty needs a path-star: arm modes are not defined when arms share nodes")
         arms = torch.tensor(data["arms"], device=device)
-        extra.append(lambda: args.zigzag_penalty * arm_spectrum(model.wte.weight[:N], arms)[2])
+        rows = [model.wte.weight] + ([model.unembedding()] if args.zigzag_penalty_on == "both" else [])
+        extra.append(lambda: args.zigzag_penalty * sum(arm_spectrum(W[:N], arms)[2] for W in rows))
     if args.grad_noise or args.grad_noise_std:  # beyond the paper: Gaussian noise instead of the batches'
         embeddings_only = args.grad_noise_in == "embeddings"
         noisy = model.wte.named_parameters("wte") if embeddings_only else model.named_parameters()
