@@ -1482,19 +1482,24 @@ def linear_navigation(emb, train_arms, test_arms, all_arms, source=-1, target=1,
     return navigation_score(E, test_arms, all_arms, source, target, readout=W)
 
 
-def hop_cosine(emb, arms):
+def hop_cosine(emb, arms, other=None):
     """§B.5's cosine heatmap of the arms, summed up by hop distance: the mean cosine similarity of
     two nodes of one arm h hops apart (h = 1 .. L-1 over its L nodes a1 .. leaf; the root, shared by
     every arm, left out) and of two nodes of different arms. A geometry that stores the paths puts
     an arm's nodes closer than other arms'; a zigzag (§4.4) is high at even and low at odd h, which
     the leaf -> a1 `navigation_score` misses when L - 1 is odd. Arms of equal length (on a
-    tree-star, different arms share their upper nodes). Returns ([mean cosine at h], cross-arm)."""
+    tree-star, different arms share their upper nodes). With `other` (an untied output layer's
+    rows), a node's row against the `other` row of a node h hops away, both directions, h = 0 .. L-1
+    (§4.4's SVD stores odd hops across the two layers). Returns ([mean cosine at h], cross-arm)."""
     X = F.normalize(torch.as_tensor(emb).float(), dim=1)
-    A = X[torch.tensor([arm[1:] for arm in arms], device=X.device)]  # (arms, L, C), unit rows
+    Y = X if other is None else F.normalize(torch.as_tensor(other).float().to(X.device), dim=1)
+    index = torch.tensor([arm[1:] for arm in arms], device=X.device)
+    A, B = X[index], Y[index]  # (arms, L, C), unit rows
     n, L, _ = A.shape
-    hops = [(A[:, :-h] * A[:, h:]).sum(-1).mean().item() for h in range(1, L)]
-    total, per_arm = A.sum((0, 1)), A.sum(1)  # every ordered pair, self-pairs included, is a dot
-    cross = (total @ total - (per_arm * per_arm).sum()) / ((n * L) ** 2 - n * L * L)
+    pair = lambda h: ((A[:, :L - h] * B[:, h:]).sum(-1).mean() + (A[:, h:] * B[:, :L - h]).sum(-1).mean()) / 2
+    hops = [pair(h).item() for h in range(0 if other is not None else 1, L)]
+    # every ordered pair, self-pairs included, is one dot of the sums; take away those within an arm
+    cross = (A.sum((0, 1)) @ B.sum((0, 1)) - (A.sum(1) * B.sum(1)).sum()) / ((n * L) ** 2 - n * L * L)
     return hops, cross.item()
 
 

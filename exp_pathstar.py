@@ -329,6 +329,7 @@ def make_evaluate(data, args, device, measure=None):
         if head is not None:  # untied: the leaf's input row against the first nodes' output rows
             nav = navigation_score(emb, data["test_arms"], data["arms"], target_emb=head)
             res["head_navigation_acc"], res["head_navigation_mean_rank"] = nav
+            res["head_hop_cosine"], res["head_cross_arm_cosine"] = hop_cosine(emb, data["test_arms"], head)
             if star:
                 res["head_zigzag_share"] = arm_spectrum(head, data["arms"])[2].item()
         if star:  # §4.4: the share of ||E||^2 in each arm mode; zigzags are those at mu < 0

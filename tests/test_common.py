@@ -431,6 +431,34 @@ def test_hop_cosine_known_answers():
     assert c == pytest.approx(np.mean(cross), abs=1e-6)
 
 
+def test_hop_cosine_across_two_layers():
+    """With an output layer's rows: each node on an axis of its own, and its output row on the axis of
+    the next node of its arm (the leaf's: an axis of its own). A node's input row then meets the
+    output row of the node 1 hop before it (one direction of two: 0.5), no other; with the same rows
+    in both layers h = 0 is 1 and the rest is the one-layer measure. A random pair against the pairs
+    counted one by one."""
+    _, _, arms = path_star(4, 5, seed=0)  # 4 arms of 4 nodes after the root
+    eye = torch.eye(20)
+    E, U = torch.zeros(17, 20), torch.zeros(17, 20)
+    for i, arm in enumerate(arms):
+        for j, node in enumerate(arm[1:]):
+            E[node] = eye[4 * i + j]
+            U[node] = eye[4 * i + j + 1] if j < 3 else eye[16 + i]
+    assert hop_cosine(E, arms, U) == (pytest.approx([0.0, 0.5, 0.0, 0.0]), pytest.approx(0.0))
+    emb = torch.randn(17, 8, generator=torch.Generator().manual_seed(0))
+    hops, cross = hop_cosine(emb, arms)
+    assert hop_cosine(emb, arms, emb) == (pytest.approx([1.0] + hops), pytest.approx(cross))
+    head = torch.randn(17, 8, generator=torch.Generator().manual_seed(1))
+    cos = torch.nn.functional.normalize(emb, dim=1) @ torch.nn.functional.normalize(head, dim=1).T
+    nodes = [(i, j, node) for i, arm in enumerate(arms) for j, node in enumerate(arm[1:])]
+    by_hop = [[float(cos[u, v]) for i, j, u in nodes for k, m, v in nodes if i == k and abs(m - j) == h]
+              for h in (0, 1, 2, 3)]
+    other_arms = [float(cos[u, v]) for i, _, u in nodes for k, _, v in nodes if i != k]
+    hops, cross = hop_cosine(emb, arms, head)
+    assert hops == pytest.approx([np.mean(x) for x in by_hop], abs=1e-6)
+    assert cross == pytest.approx(np.mean(other_arms), abs=1e-6)
+
+
 def test_arm_spectrum_known_answers():
     """One arm of a1 and a leaf: (D^-1 A + A D^-1) = [[0, 1/2 + 1], [1/2 + 1, 0]] with the root
     held at 0, so mu = +-1.5 with modes (1, 1) (smooth) and (1, -1) (zigzag). Weights summing to 0

@@ -87,6 +87,9 @@ def test_untied_head_trains_packed_like_unpacked(tmp_path, monkeypatch):
                                    target_emb=state["lm_head.weight"][:N])
     f = metrics["history"][-1]
     assert (f["head_navigation_acc"], f["head_navigation_mean_rank"]) == pytest.approx(want)
+    want = common.hop_cosine(state["wte.weight"][:N], held, state["lm_head.weight"][:N])
+    assert (f["head_hop_cosine"], f["head_cross_arm_cosine"]) == pytest.approx(want)
+    assert len(f["head_hop_cosine"]) == len(f["hop_cosine"]) + 1  # h = 0 too: a node's own two rows
     assert 0 <= f["head_zigzag_share"] <= 1
     assert figure_ok(os.path.join(run, "embedding_heatmap_head.png"))
 
