@@ -1,0 +1,51 @@
+"""The docs' links: every relative link in README.md and docs/*.md names a file that exists, and
+every `#anchor` names a heading of its file (GitHub's anchors), so a renamed heading or a moved
+figure fails here instead of in a reader's browser."""
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")  # [text](target) and ![alt](target)
+
+
+def github_anchor(heading):
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def prose(text):
+    """The text outside fenced code blocks (a `# comment` in a script is not a heading)."""
+    return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+
+
+def anchors(path):
+    found, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} (.+)$", prose(path.read_text()), flags=re.M):
+        a = github_anchor(heading)
+        n = seen.get(a, 0)
+        seen[a] = n + 1
+        found.add(f"{a}-{n}" if n else a)  # GitHub numbers repeated headings
+    return found
+
+
+def test_github_anchor_known_answers():
+    assert github_anchor("Zigzag arms are §4.4's negative eigendirections (beyond the paper)") == \
+        "zigzag-arms-are-44s-negative-eigendirections-beyond-the-paper"
+    assert github_anchor("Controls and ablations (`--sweep`)") == "controls-and-ablations---sweep"
+    assert github_anchor("Mamba (`exp_mamba.py`, App. C.1)") == "mamba-exp_mambapy-app-c1"
+
+
+def test_every_relative_link_resolves():
+    broken = []
+    for doc in DOCS:
+        for target in LINK.findall(prose(doc.read_text())):
+            if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (doc.parent / file).resolve() if file else doc
+            if not dest.exists():
+                broken.append(f"{doc.name}: {target} (no file)")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                broken.append(f"{doc.name}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
