@@ -1388,6 +1388,21 @@ def edge_recall(model, edges, vocab, device, chunk=4096):
 
 
 @torch.no_grad()
+def edge_queries(model, vocab, device, chunk=4096):
+    """(N, C): the model's last hidden state after `[EDGE] u` for every node u, the vector its
+    output layer reads the edge's answer from (logits = query @ unembedding^T). A deep untied model
+    can hold its geometry here and not in its input rows: `navigation_score` of the queries
+    against the output rows (docs/results.md, the untied 12-layer GPT)."""
+    nodes = torch.arange(vocab.num_nodes, device=device)
+    X = edge_group(torch.stack([nodes, nodes], 1), vocab)[0]  # [EDGE] u (the targets are unused)
+    out = []
+    for i in range(0, len(X), chunk):
+        with autocast(device):
+            out.append(model.hidden(X[i: i + chunk])[:, -1].float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def logit_lens(model, idx, position=-1, edit=None):
     """A GPT's (n_layer + 1, B, V) logits at `position` of idx (B, T), read through ln_f and the
     tied head after the embedding and after each block; the last are the model's own logits. A

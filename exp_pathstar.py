@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from common import (GPT, ArgParser, GPTConfig, Mamba, MambaConfig, Node2Vec, Node2VecConfig, Phase, Vocab,
                     add_adamw_flags, add_step_flags, arm_edges, arm_modes, arm_spectrum, autocast,
                     bench_modes, benchmark, config_diff, curve_band, decode_answer, device_name, die,
-                    edge_group, edge_recall, epochs_to, geometric_level, hop_cosine, in_processes,
-                    k_for_energy, laplacian_eigs, linear_navigation, logit_lens, loss_tail, measures,
-                    navigation_score, neighbour_targets, node2vec_loss, one_seed, output_rows,
+                    edge_group, edge_queries, edge_recall, epochs_to, geometric_level, hop_cosine,
+                    in_processes, k_for_energy, laplacian_eigs, linear_navigation, logit_lens, loss_tail,
+                    measures, navigation_score, neighbour_targets, node2vec_loss, one_seed, output_rows,
                     parse_with_presets, path_group, path_prompts, path_star, path_targets, peak_memory_gib,
                     pick_device, plot_cosine_heatmap, plot_curves, plot_panels, prepare_out, preset_help,
                     read_torch_file, seed_everything, spectral_energy, spectral_share, split_arms, spread,
@@ -332,6 +332,11 @@ def make_evaluate(data, args, device, measure=None):
             res["head_hop_cosine"], res["head_cross_arm_cosine"] = hop_cosine(emb, data["test_arms"], head)
             if star:
                 res["head_zigzag_share"] = arm_spectrum(head, data["arms"])[2].item()
+        # the leaf where the model answers `[EDGE] leaf`: a deep model's geometry can live there
+        queries = edge_queries(model, data["vocab"], device)
+        rows = emb if head is None else head
+        nav = navigation_score(queries, data["test_arms"], data["arms"], target_emb=rows)
+        res["edge_query_navigation_acc"], res["edge_query_navigation_mean_rank"] = nav
         if star:  # §4.4: the share of ||E||^2 in each arm mode; zigzags are those at mu < 0
             _, share, zigzag = arm_spectrum(emb, data["arms"])
             res["arm_mode_share"], res["zigzag_share"] = share.tolist(), zigzag.item()
@@ -467,13 +472,16 @@ def write_outputs(out, args, data, model, history, wall, device):
          + if_any("linear_navigation_acc", "leaf -> first node through a linear map (top-1)")
          + if_any("reflected_navigation_acc", "leaf -> first node, zigzag reflected (top-1)")
          + if_any("head_navigation_acc", "leaf -> first node's output row (untied head; top-1)")
+         + if_any("edge_query_navigation_acc", "edge query [EDGE] leaf -> first node's output row (top-1)")
          + [(x, [h["test_first_token_acc"] for h in history], "the model: first-token accuracy")], chance),
         ("rank of the leaf's own node among all arms'", "mean rank (1 = best)",
          [(x, [h["navigation_mean_rank"] for h in history], "first node")]
          + if_any("navigation_2hop_mean_rank", "node 2 hops up")
          + if_any("linear_navigation_mean_rank", "first node, linear map")
          + if_any("reflected_navigation_mean_rank", "first node, zigzag reflected")
-         + if_any("head_navigation_mean_rank", "first node's output row"), (args.n + 1) / 2)]
+         + if_any("head_navigation_mean_rank", "first node's output row")
+         + if_any("edge_query_navigation_mean_rank", "first node's output row, from the edge query"),
+         (args.n + 1) / 2)]
         + ([(f"the layers (logit lens), held-out leaves ({args.n_layer + 1}: none)",
              "first block on top for half",
              [(x, [first_block(h["leaf_neighbour_by_block"]) for h in history],
@@ -931,6 +939,7 @@ def run_seeds(args, device, task=None):
             ("linear_navigation_acc", "leaf -> first node through a linear map (top-1)"),
             ("reflected_navigation_acc", "leaf -> first node, zigzag reflected (top-1)"),
             ("head_navigation_acc", "leaf -> first node's output row, untied head (top-1)"),
+            ("edge_query_navigation_acc", "edge query [EDGE] leaf -> first node's output row (top-1)"),
             ("edge_acc", "edges memorized"),
             ("zigzag_share", "zigzag share: ||E||^2 in arm modes at μ < 0 (§4.4)")]
     if args.first_token_only or args.no_paths:

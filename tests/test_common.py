@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from common import (GPT, CausalSelfAttention, GPTConfig, GroupSampler, Packing, Phase, Stepper, Vocab,
                     adjacency, arm_edges, arm_modes, arm_parts, arm_spectrum, cosine_matrix, curve_band,
-                    decode_answer, edge_group, edge_recall, forever, greedy_decode, grid_graph, hop_cosine,
+                    decode_answer, edge_group, edge_queries, edge_recall, forever, greedy_decode, grid_graph, hop_cosine,
                     laplacian_eigs, logit_lens, loss_tail, linear_navigation, lr_at, make_optimizer,
                     navigation_score, path_group, path_prompts, path_star, path_targets, set_lr, spectral_energy,
                     split_arms, summary_markdown, tiny_graph, top_k_hits, train, zigzag_reflection)
@@ -298,6 +298,26 @@ def test_greedy_decode_and_edge_recall_on_a_perfect_lookup():
     answers = torch.tensor([[1, 2, 3], [0, 0, 1]])
     assert decode_answer(Table(), torch.tensor([[0], [2]]), answers, "cpu").tolist() == [[1, 2, 3], [3, 1, 2]]
     assert edge_recall(Table(), np.array([[0, 1], [1, 2], [2, 0]]), vocab, "cpu") == pytest.approx(2 / 3)
+
+
+def test_edge_queries_known_answers():
+    """The query of node u is the last hidden state of `[EDGE] u`, the one the logits are read
+    from; a stand-in model whose hidden state is a table row of its last token gives that row."""
+    torch.manual_seed(0)
+    vocab = Vocab(7)
+    model = GPT(GPTConfig(vocab_size=vocab.size, block_size=4, n_layer=2, n_head=2, n_embd=16)).eval()
+    q = edge_queries(model, vocab, "cpu", chunk=3)  # chunks of 3 over 7 nodes
+    X = torch.stack([torch.full((7,), vocab.EDGE), torch.arange(7)], 1)
+    with torch.no_grad():
+        assert torch.allclose(q, model.hidden(X)[:, -1], atol=1e-6)
+        assert torch.allclose(q @ model.wte.weight.T, model(X), atol=1e-5)  # the last position's logits
+    table = torch.randn(vocab.size, 5)
+
+    class Lookup(torch.nn.Module):
+        def hidden(self, idx):
+            assert (idx[:, 0] == vocab.EDGE).all()
+            return table[idx]
+    assert torch.equal(edge_queries(Lookup(), vocab, "cpu"), table[:7])
 
 
 def test_logit_lens_known_answers():

@@ -90,6 +90,10 @@ def test_untied_head_trains_packed_like_unpacked(tmp_path, monkeypatch):
     want = common.hop_cosine(state["wte.weight"][:N], held, state["lm_head.weight"][:N])
     assert (f["head_hop_cosine"], f["head_cross_arm_cosine"]) == pytest.approx(want)
     assert len(f["head_hop_cosine"]) == len(f["hop_cosine"]) + 1  # h = 0 too: a node's own two rows
+    model = exp_pathstar.load_run(run)[0]  # the edge query of each leaf against the output rows
+    queries = common.edge_queries(model, common.Vocab(N), "cpu")
+    want = common.navigation_score(queries, held, arms, target_emb=state["lm_head.weight"][:N])
+    assert (f["edge_query_navigation_acc"], f["edge_query_navigation_mean_rank"]) == pytest.approx(want)
     assert 0 <= f["head_zigzag_share"] <= 1
     assert figure_ok(os.path.join(run, "embedding_heatmap_head.png"))
 
