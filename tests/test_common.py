@@ -17,10 +17,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from common import (GPT, CausalSelfAttention, GPTConfig, GroupSampler, Packing, Phase, Stepper, Vocab,
                     adjacency, arm_edges, arm_modes, arm_parts, arm_spectrum, cosine_matrix, curve_band,
-                    decode_answer, edge_group, edge_queries, edge_recall, forever, greedy_decode, grid_graph, hop_cosine,
-                    laplacian_eigs, logit_lens, loss_tail, linear_navigation, lr_at, make_optimizer,
-                    navigation_score, path_group, path_prompts, path_star, path_targets, set_lr, spectral_energy,
-                    split_arms, summary_markdown, tiny_graph, top_k_hits, train, zigzag_reflection)
+                    decode_answer, edge_group, edge_queries, edge_recall, forever, greedy_decode,
+                    grid_graph, hop_cosine, laplacian_eigs, logit_lens, loss_tail, linear_navigation, lr_at,
+                    make_optimizer, navigation_score, path_group, path_prompts, path_star, path_targets,
+                    set_lr, spectral_energy, split_arms, summary_markdown, tiny_graph, top_k_hits, train,
+                    zigzag_reflection)
 
 
 @pytest.mark.parametrize("d,l", [(1, 2), (3, 5), (50, 4), (7, 10)])
