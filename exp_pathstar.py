@@ -334,7 +334,7 @@ def make_evaluate(data, args, device, measure=None):
                 res["head_zigzag_share"] = arm_spectrum(head, data["arms"])[2].item()
         # the leaf where the model answers `[EDGE] leaf`: a deep model's geometry can live there
         queries = edge_queries(model, data["vocab"], device)
-        rows = emb if head is None else head
+        rows = model.unembedding()[: data["vocab"].num_nodes].float()  # what its logits are read from
         nav = navigation_score(queries, data["test_arms"], data["arms"], target_emb=rows)
         res["edge_query_navigation_acc"], res["edge_query_navigation_mean_rank"] = nav
         if star:  # §4.4: the share of ||E||^2 in each arm mode; zigzags are those at mu < 0
