@@ -19,13 +19,15 @@ def prose(text):
     return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
 
 
-def anchors(path):
-    found, seen = set(), {}
-    for heading in re.findall(r"^#{1,6} (.+)$", prose(path.read_text()), flags=re.M):
+def headings(path, levels=range(1, 7)):
+    """The anchors of a file's headings at the given levels, in order (repeated ones numbered)."""
+    found, seen = [], {}
+    for hashes, heading in re.findall(r"^(#{1,6}) (.+)$", prose(path.read_text()), flags=re.M):
         a = github_anchor(heading)
         n = seen.get(a, 0)
         seen[a] = n + 1
-        found.add(f"{a}-{n}" if n else a)  # GitHub numbers repeated headings
+        if len(hashes) in levels:
+            found.append(f"{a}-{n}" if n else a)
     return found
 
 
@@ -34,6 +36,13 @@ def test_github_anchor_known_answers():
         "zigzag-arms-are-44s-negative-eigendirections-beyond-the-paper"
     assert github_anchor("Controls and ablations (`--sweep`)") == "controls-and-ablations---sweep"
     assert github_anchor("Mamba (`exp_mamba.py`, App. C.1)") == "mamba-exp_mambapy-app-c1"
+
+
+def test_headings_known_answers(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Title\n\n## Results\n\n```bash\n# a comment\n```\n\n### Results\n\n## Results\n")
+    assert headings(doc) == ["title", "results", "results-1", "results-2"]  # GitHub numbers repeats
+    assert headings(doc, levels=(3,)) == ["results-1"]
 
 
 def test_every_relative_link_resolves():
@@ -46,6 +55,20 @@ def test_every_relative_link_resolves():
             dest = (doc.parent / file).resolve() if file else doc
             if not dest.exists():
                 broken.append(f"{doc.name}: {target} (no file)")
-            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+            elif anchor and dest.suffix == ".md" and anchor not in headings(dest):
                 broken.append(f"{doc.name}: {target} (no such heading)")
     assert not broken, "\n".join(broken)
+
+
+def test_contents_lists_every_section():
+    """A doc's "Contents:" list names each of its sections and subsections, in order, so a new
+    section cannot be left out of it."""
+    with_contents = [doc for doc in DOCS[1:] if "\nContents:\n" in doc.read_text()]
+    assert {doc.name for doc in with_contents} >= {"results.md", "performance.md"}
+    for doc in with_contents:
+        block = doc.read_text().split("\nContents:\n", 1)[1].strip().split("\n\n", 1)[0]
+        listed = re.findall(r"^\s*- \[[^\]]*\]\(#([^)]+)\)", block, flags=re.M)
+        sections = headings(doc, levels=(2, 3))
+        missing, extra = set(sections) - set(listed), set(listed) - set(sections)
+        order = "" if missing or extra else ", or out of order"
+        assert listed == sections, f"{doc.name}'s contents: missing {sorted(missing)}, extra {sorted(extra)}{order}"
