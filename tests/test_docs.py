@@ -71,4 +71,4 @@ def test_contents_lists_every_section():
         sections = headings(doc, levels=(2, 3))
         missing, extra = set(sections) - set(listed), set(listed) - set(sections)
         order = "" if missing or extra else ", or out of order"
-        assert listed == sections, f"{doc.name}'s contents: missing {sorted(missing)}, extra {sorted(extra)}{order}"
+        assert listed == sections, f"{doc.name}: missing {sorted(missing)}, extra {sorted(extra)}{order}"
