@@ -296,8 +296,9 @@ def make_evaluate(data, args, device, measure=None):
         arms = data[f"{split}_arms"]
         splits[split] = (path_prompts([a[-1] for a in arms], data["vocab"], args.pauses),
                          path_targets(arms, args.reverse_path))
-    held_out = data["test_arms"]
-    first_hop_input = first_hop_prompts(held_out, data["vocab"], args.pauses)
+    held_out, trained = data["test_arms"], data["train_arms"]
+    first_hop_input, first_hop_trained = (first_hop_prompts(a, data["vocab"], args.pauses)
+                                          for a in (held_out, trained))
 
     @torch.no_grad()  # train() calls it under no_grad; a script analysing a run (load_run) may not
     def evaluate(model):
@@ -347,6 +348,9 @@ def make_evaluate(data, args, device, measure=None):
         if isinstance(model, GPT) and not args.reverse_path and held_out:  # how its layers read the first hop
             res["leaf_neighbour_by_block"], res["first_hop_by_block"] = first_hop_lens(
                 model, first_hop_input, held_out, device)
+        if star and not args.reverse_path and held_out and trained:  # answered by geometry or by lookup?
+            res["first_hop_answer_shares"] = first_hop_answers(
+                model, first_hop_input, first_hop_trained, held_out, trained, device)
         E = emb.cpu().numpy()
         res["geometric_level"] = geometric_level(E, data["edges"])
         if basis is not None:
@@ -378,6 +382,38 @@ def first_hop_lens(model, idx, arms, device, chunk=256):
         hits[0] += (top[..., 0] == neighbour[rows]).sum(-1)
         hits[1] += (top[..., 1] == first[rows]).sum(-1)
     return (hits / len(idx)).tolist()
+
+
+@torch.no_grad()
+def path_queries(model, idx, device, chunk=256):
+    """idx (P, T) = `[PATH] leaf [PAUSE]* root` of each arm -> the path query, the last hidden state
+    (P, C) the first hop is read from, and the model's first hop (P,), its argmax logit (as greedy
+    decoding scores it in test_first_token_acc)."""
+    queries, answers = [], []
+    for i in range(0, len(idx), chunk):
+        with autocast(device):
+            h = model.hidden(idx[i: i + chunk].to(device))[:, -1]
+            answers.append(model.logits(h).argmax(-1))
+        queries.append(h.float())
+    return torch.cat(queries), torch.cat(answers)
+
+
+def first_hop_answers(model, held_idx, trained_idx, held, trained, device):
+    """Beyond the paper (docs/results.md, "What a failing model answers"): where a held-out leaf's
+    first hop comes from. idx: first_hop_prompts of the held-out and training arms. Shares of the
+    held-out leaves answered with [their own first node; the first node of the training leaf whose
+    path query is nearest (cosine): a lookup of the trained answers; another training arm's first
+    node; any other token]. On a path-star the four are disjoint and sum to 1; the first is
+    test_first_token_acc (up to ties)."""
+    held_q, answer = path_queries(model, held_idx, device)
+    trained_q = path_queries(model, trained_idx, device)[0]
+    own, trained_first = (torch.tensor([a[1] for a in arms], device=device) for arms in (held, trained))
+    nearest = (F.normalize(held_q, dim=1) @ F.normalize(trained_q, dim=1).T).argmax(1)
+    right = answer == own
+    lookup = ~right & (answer == trained_first[nearest])
+    other_trained = ~right & ~lookup & torch.isin(answer, trained_first)
+    kinds = torch.stack([right, lookup, other_trained, ~(right | lookup | other_trained)])
+    return kinds.float().mean(1).tolist()
 
 
 def first_block(shares, level=0.5):

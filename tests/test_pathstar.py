@@ -53,6 +53,8 @@ def test_quick_smoke(tmp_path):
     for h in m["history"]:  # the logit lens's last block is the model's own first-token prediction
         assert len(h["first_hop_by_block"]) == len(h["leaf_neighbour_by_block"]) == QUICK_LAYERS + 1
         assert h["first_hop_by_block"][-1] == h["test_first_token_acc"]
+        shares = h["first_hop_answer_shares"]  # right, lookup, another trained first node, other
+        assert shares[0] == h["test_first_token_acc"] and sum(shares) == pytest.approx(1)
 
 
 def test_staged_and_variants_run(tmp_path):
@@ -530,6 +532,42 @@ def test_first_hop_lens_known_answers(monkeypatch):
         assert leaf == [0.0, 0.5, 1.0] and last == [0.0, 0.5, 1.0]
     assert exp_pathstar.first_block([0.0, 0.5, 1.0]) == 1
     assert exp_pathstar.first_block([0.0, 0.4]) == 2  # never: one past the last block
+
+
+class LeafQuery(common.TiedLM):
+    """A model whose path query is a fixed vector per leaf (read at position 1) and whose output
+    rows are the unit vectors, so its first hop is that vector's largest entry."""
+
+    def __init__(self, queries):
+        super().__init__()
+        self.wte = torch.nn.Embedding(*queries.shape)
+        self.wte.weight.data = torch.eye(len(queries))
+        self.queries = queries
+
+    def hidden(self, idx):
+        return self.queries[idx[:, 1]][:, None].expand(-1, idx.shape[1], -1)
+
+
+def test_first_hop_answers_known_answers():
+    """Seven arms, five held out: one answered right, two with the first node of the training leaf
+    whose path query is nearest by cosine (for leaf 4 the dot product would pick the other), one
+    with the other training arm's, one with a node that is no first node."""
+    arms = [[0, 2 * k + 1, 2 * k + 2] for k in range(7)]  # root, first node, leaf
+    held, trained = arms[:5], arms[5:]  # trained first nodes 11 (leaf 12) and 13 (leaf 14)
+    vocab = common.Vocab(15)
+    e = torch.eye(vocab.size)
+    q = torch.zeros(vocab.size, vocab.size)
+    q[12], q[14] = e[11] + 2 * e[0], e[13] + 5 * e[2]  # the training leaves' path queries
+    q[2] = e[1]  # right
+    q[4], q[6] = e[11] + 0.3 * e[2], e[13]  # lookups: leaf 4's cosine 0.43 with leaf 12, 0.28 with 14
+    q[8] = e[11] + 0.99 * e[2]  # answers 11, but nearest to leaf 14 (cosine 0.69 against 0.32)
+    q[10] = e[4]  # a held-out arm's leaf: no first node
+    model = LeafQuery(q)
+    idx = [exp_pathstar.first_hop_prompts(a, vocab, 2) for a in (held, trained)]
+    shares = exp_pathstar.first_hop_answers(model, *idx, held, trained, "cpu")
+    assert shares == pytest.approx([0.2, 0.4, 0.2, 0.2])
+    queries, answers = exp_pathstar.path_queries(model, idx[0], "cpu", chunk=2)
+    assert answers.tolist() == [1, 11, 13, 11, 4] and torch.equal(queries, q[[2, 4, 6, 8, 10]])  # in chunks
 
 
 def test_snapshots_keep_the_model_at_every_evaluation(tmp_path):
