@@ -895,7 +895,7 @@ def test_reading_guide_example_reloads_a_run(untied_run, capsys):
 
 def gpu_script_env(tmp_path):
     env = dict(os.environ, RUNS=str(tmp_path / "runs"),
-               CONFIG=" ".join(TINY + ["--first-token-only", "--epochs", "30", "--n-layer", "1"]))
+               CONFIG=" ".join(TINY + ["--first-token-only", "--epochs", "30"]))
     env.pop("GEOMEM_KERNELS", None)
     return env
 
